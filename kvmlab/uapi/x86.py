@@ -1,0 +1,217 @@
+"""<asm/kvm.h> for x86_64: registers, segments, debug state, sync regs, and the x86 `kvm_run`."""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
+
+from kvmlab.uapi.ioctl import _IOR, _IOW
+from kvmlab.uapi.kvm import KVMIO, make_kvm_run
+
+KVM_NR_INTERRUPTS = 256
+
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ = 0x00100000
+
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
+KVM_SYNC_X86_VALID_FIELDS = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+
+KVM_RUN_X86_SMM = 1 << 0
+KVM_RUN_X86_BUS_LOCK = 1 << 1
+KVM_RUN_X86_GUEST_MODE = 1 << 2
+
+
+class kvm_regs(ctypes.Structure):  # noqa: N801 (kernel name)
+    """KVM_GET_REGS / KVM_SET_REGS: the general-purpose registers, rip and rflags."""
+
+    _fields_ = [
+        (name, c_uint64)
+        for name in (
+            [
+                "rax",
+                "rbx",
+                "rcx",
+                "rdx",
+                "rsi",
+                "rdi",
+                "rsp",
+                "rbp",
+                "r8",
+                "r9",
+                "r10",
+                "r11",
+                "r12",
+                "r13",
+                "r14",
+                "r15",
+                "rip",
+                "rflags",
+            ]
+        )
+    ]
+
+
+class kvm_segment(ctypes.Structure):  # noqa: N801
+    """A segment register with its hidden descriptor cache (what the CPU really uses)."""
+
+    _fields_ = [
+        ("base", c_uint64),
+        ("limit", c_uint32),
+        ("selector", c_uint16),
+        ("type", c_uint8),
+        ("present", c_uint8),
+        ("dpl", c_uint8),
+        ("db", c_uint8),
+        ("s", c_uint8),
+        ("l", c_uint8),
+        ("g", c_uint8),
+        ("avl", c_uint8),
+        ("unusable", c_uint8),
+        ("padding", c_uint8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):  # noqa: N801
+    """GDTR / IDTR: base and limit."""
+
+    _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
+
+
+SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+class kvm_sregs(ctypes.Structure):  # noqa: N801
+    """KVM_GET_SREGS / KVM_SET_SREGS: segments, descriptor tables, control registers, EFER."""
+
+    _fields_ = [
+        *[(name, kvm_segment) for name in SEGMENT_NAMES],
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", c_uint64),
+        ("cr2", c_uint64),
+        ("cr3", c_uint64),
+        ("cr4", c_uint64),
+        ("cr8", c_uint64),
+        ("efer", c_uint64),
+        ("apic_base", c_uint64),
+        ("interrupt_bitmap", c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+class kvm_debug_exit_arch(ctypes.Structure):  # noqa: N801
+    """kvm_run.debug.arch on x86: the exception (1 = #DB, 3 = #BP), linear pc, dr6, dr7."""
+
+    _fields_ = [
+        ("exception", c_uint32),
+        ("pad", c_uint32),
+        ("pc", c_uint64),
+        ("dr6", c_uint64),
+        ("dr7", c_uint64),
+    ]
+
+
+class kvm_guest_debug_arch(ctypes.Structure):  # noqa: N801
+    _fields_ = [("debugreg", c_uint64 * 8)]
+
+
+class kvm_guest_debug(ctypes.Structure):  # noqa: N801
+    """KVM_SET_GUEST_DEBUG: control bits (KVM_GUESTDBG_*) and DR0-DR7."""
+
+    _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
+
+
+class _EventsException(ctypes.Structure):
+    _fields_ = [
+        ("injected", c_uint8),
+        ("nr", c_uint8),
+        ("has_error_code", c_uint8),
+        ("pending", c_uint8),
+        ("error_code", c_uint32),
+    ]
+
+
+class _EventsInterrupt(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class _EventsNmi(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class _EventsSmi(ctypes.Structure):
+    _fields_ = [
+        ("smm", c_uint8),
+        ("pending", c_uint8),
+        ("smm_inside_nmi", c_uint8),
+        ("latched_init", c_uint8),
+    ]
+
+
+class _EventsTripleFault(ctypes.Structure):
+    _fields_ = [("pending", c_uint8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):  # noqa: N801
+    """KVM_GET/SET_VCPU_EVENTS: pending or injected exception, interrupt, NMI, SMI, triple fault."""
+
+    _fields_ = [
+        ("exception", _EventsException),
+        ("interrupt", _EventsInterrupt),
+        ("nmi", _EventsNmi),
+        ("sipi_vector", c_uint32),
+        ("flags", c_uint32),
+        ("smi", _EventsSmi),
+        ("triple_fault", _EventsTripleFault),
+        ("reserved", c_uint8 * 26),
+        ("exception_has_payload", c_uint8),
+        ("exception_payload", c_uint64),
+    ]
+
+
+class kvm_sync_regs(ctypes.Structure):  # noqa: N801
+    """kvm_run.s.regs: registers KVM copies out (kvm_valid_regs) or in (kvm_dirty_regs)."""
+
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
+kvm_run = make_kvm_run(kvm_debug_exit_arch, kvm_sync_regs)
+
+KVM_GET_REGS = _IOR(KVMIO, 0x81, ctypes.sizeof(kvm_regs))
+KVM_SET_REGS = _IOW(KVMIO, 0x82, ctypes.sizeof(kvm_regs))
+KVM_GET_SREGS = _IOR(KVMIO, 0x83, ctypes.sizeof(kvm_sregs))
+KVM_SET_SREGS = _IOW(KVMIO, 0x84, ctypes.sizeof(kvm_sregs))
+KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, ctypes.sizeof(kvm_guest_debug))
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, ctypes.sizeof(kvm_vcpu_events))
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, ctypes.sizeof(kvm_vcpu_events))
+
+# x86 CPU state bits the kernel checks (arch/x86/include/asm/processor-flags.h, msr-index.h)
+X86_CR0_PE = 1 << 0
+X86_CR0_MP = 1 << 1
+X86_CR0_EM = 1 << 2
+X86_CR0_TS = 1 << 3
+X86_CR0_ET = 1 << 4
+X86_CR0_NE = 1 << 5
+X86_CR0_WP = 1 << 16
+X86_CR0_AM = 1 << 18
+X86_CR0_NW = 1 << 29
+X86_CR0_CD = 1 << 30
+X86_CR0_PG = 1 << 31
+X86_CR4_PAE = 1 << 5
+X86_EFER_SCE = 1 << 0
+X86_EFER_LME = 1 << 8
+X86_EFER_LMA = 1 << 10
+X86_EFER_NX = 1 << 11
+X86_RFLAGS_FIXED = 1 << 1
+X86_RFLAGS_TF = 1 << 8
+X86_RFLAGS_IF = 1 << 9
+X86_RFLAGS_DF = 1 << 10
+X86_RFLAGS_RF = 1 << 16
+X86_RFLAGS_VM = 1 << 17
+MSR_IA32_APICBASE_BSP = 1 << 8
+MSR_IA32_APICBASE_ENABLE = 1 << 11
+APIC_DEFAULT_PHYS_BASE = 0xFEE00000

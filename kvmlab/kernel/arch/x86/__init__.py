@@ -1,0 +1,1 @@
+"""arch/x86/kvm: the x86 vCPU, its registers and its exits, on a Unicorn CPU."""

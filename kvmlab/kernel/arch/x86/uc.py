@@ -1,0 +1,296 @@
+"""The "hardware" under the simulated x86 KVM: one Unicorn CPU per vCPU, in the role VMX plays.
+
+`UcVcpu.vcpu_run()` is kvmlab's `vmx_vcpu_run`: it enters the guest (Unicorn `emu_start`) and
+comes back with a hardware exit reason, numbered like VMX's basic exit reasons so that
+`handle_exit` in x86.py can dispatch the way `kvm_vmx_exit_handlers[]` does.
+
+Why the engine always runs with an instruction count: Unicorn honours a stop request from an
+IN/OUT hook at the next instruction boundary only when a count is set, so the guest stops
+exactly after the IO instruction, as a VM exit would (docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TB_FLUSH,
+    UC_ERR_FETCH_PROT,
+    UC_ERR_FETCH_UNMAPPED,
+    UC_ERR_OK,
+    UC_HOOK_EDGE_GENERATED,
+    UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_MODE_64,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    Uc,
+    UcError,
+)
+from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.x86_const import (
+    UC_X86_INS_IN,
+    UC_X86_INS_OUT,
+    UC_X86_REG_RAX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RFLAGS,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSI,
+)
+
+from kvmlab.kernel.arch.x86.cpu_state import RegBatch, X86CpuState
+from kvmlab.kernel.memslots import PAGE_SIZE, KvmMemslots
+from kvmlab.kernel.uaccess import user_range_access
+
+# VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h), reused as the engine's exit codes.
+EXIT_REASON_EXCEPTION_NMI = 0
+EXIT_REASON_EXTERNAL_INTERRUPT = 1
+EXIT_REASON_HLT = 12
+EXIT_REASON_IO_INSTRUCTION = 30
+EXIT_REASON_EPT_VIOLATION = 48
+
+RUN_FOREVER = 1 << 62  # the count that keeps Unicorn's per-instruction exit check armed
+PAGE_MASK = ~(PAGE_SIZE - 1) & (2**64 - 1)
+_REP_PREFIXES = (0xF2, 0xF3)
+_PREFIXES = frozenset(
+    [0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0, *range(0x40, 0x50)]
+)
+_emu_start = uclib.uc_emu_start
+_emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+_emu_start.argtypes += [ctypes.c_size_t]
+
+
+@dataclass(slots=True)
+class IoExit:
+    """The exit qualification of an IO instruction (VMX packs the same facts in 64 bits)."""
+
+    port: int = 0
+    size: int = 0
+    is_in: bool = False
+    string: bool = False
+    rep: bool = False
+    value: int = 0  # OUT: the value written
+    insn_rip: int = 0  # the IO instruction
+    next_rip: int = 0  # the instruction after it (for INS: not yet known)
+    rax: int = 0  # IN: rax before the instruction
+
+
+@dataclass(slots=True, frozen=True)
+class MappedSlot:
+    gpa: int
+    size: int
+    hva: int
+    perms: int
+
+
+class UcVcpu:
+    """One vCPU's Unicorn instance: its memory view, its hooks, and one guest entry at a time."""
+
+    def __init__(self) -> None:
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        self._h = uc._uch
+        self.cpu = X86CpuState(uc)
+        self.exit_reason = EXIT_REASON_EXTERNAL_INTERRUPT
+        self.io = IoExit()
+        self.exception_vector = 0
+        self.rip = 0  # where the guest stopped
+        self.rflags = 0
+        self._exit_pending = False
+        self.kick_requested = False
+        self._lock = threading.Lock()
+        self.running = False
+        self.mapped: dict[int, MappedSlot] = {}
+        self.unbacked: list[tuple[int, int]] = []  # guest ranges whose host memory is missing
+        self.generation = -1
+        self.code_pages: dict[int, tuple[int, bytes]] = {}  # gpa page -> (hva, bytes translated)
+        self._in_hook = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RAX])
+        self._after = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RFLAGS])
+        self._rsi_in_hook = 0
+        # The hooks hold this object; close() drops them so the engine is freed at once.
+        self._hooks = [
+            uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT),
+            uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN),
+            uc.hook_add(UC_HOOK_INTR, self._on_interrupt),
+            uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid),
+            uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_edge),
+        ]
+
+    def close(self) -> None:
+        """Drop the hooks (they reference this object) so the engine is freed with the vCPU."""
+        for handle in self._hooks:
+            self.uc.hook_del(handle)
+        self._hooks.clear()
+        self.mapped.clear()
+        self.code_pages.clear()
+
+    # --- memory -------------------------------------------------------------------------------
+
+    def load_memslots(self, slots: KvmMemslots) -> None:
+        """Make Unicorn's physical memory match the VM's slots (only what changed is remapped)."""
+        wanted: dict[int, MappedSlot] = {}
+        unbacked = []
+        for slot in slots:
+            access = user_range_access(slot.userspace_addr, slot.size)
+            if access is None:
+                unbacked.append((slot.gpa, slot.size))  # KVM faults it in lazily: EFAULT on use
+                continue
+            perms = UC_PROT_READ | UC_PROT_EXEC
+            if access == "rw" and not slot.readonly:
+                perms |= UC_PROT_WRITE
+            wanted[slot.id] = MappedSlot(slot.gpa, slot.size, slot.userspace_addr, perms)
+        for id_, old in list(self.mapped.items()):
+            if wanted.get(id_) != old:
+                self.uc.mem_unmap(old.gpa, old.size)
+                del self.mapped[id_]
+        for id_, new in wanted.items():
+            if id_ not in self.mapped:
+                self.uc.mem_map_ptr(new.gpa, new.size, new.perms, new.hva)
+                self.mapped[id_] = new
+        self.unbacked = unbacked
+        self.generation = slots.generation
+        self.code_pages.clear()
+        self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+
+    def gpa_to_hva(self, gpa: int) -> int | None:
+        for m in self.mapped.values():
+            if m.gpa <= gpa < m.gpa + m.size:
+                return m.hva + gpa - m.gpa
+        return None
+
+    def remember_code_page(self, gpa: int) -> None:
+        """Note that Unicorn translated code in this guest page, and what the page held."""
+        page = gpa & PAGE_MASK
+        if page not in self.code_pages:
+            hva = self.gpa_to_hva(page)
+            if hva is not None:
+                self.code_pages[page] = (hva, ctypes.string_at(hva, PAGE_SIZE))
+
+    def remember_code_at(self, linear: int) -> None:
+        """remember_code_page for a linear address (through the guest's paging, if on)."""
+        gpa = self.cpu.translate(linear & PAGE_MASK)
+        if gpa is not None:
+            self.remember_code_page(gpa)
+
+    def invalidate_stale_code(self) -> None:
+        """Drop translations of guest pages the host rewrote since Unicorn translated them.
+
+        The guest sees host stores to data at once (the memory is shared), but Unicorn keeps
+        running code it translated earlier; KVM on hardware has no such cache to go stale.
+        """
+        for page, (hva, seen) in self.code_pages.items():
+            now = ctypes.string_at(hva, PAGE_SIZE)
+            if now != seen:
+                self.uc.ctl_remove_cache(page, page + PAGE_SIZE)
+                self.code_pages[page] = (hva, now)
+
+    # --- hooks (called by Unicorn in the middle of emu_start) ---------------------------------
+
+    def _stop(self, reason: int) -> None:
+        self.exit_reason = reason
+        self._exit_pending = True
+        self.uc.emu_stop()
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
+        rip, rsi, _ = self._in_hook.read()
+        io = self.io
+        io.port, io.size, io.is_in, io.value, io.insn_rip = port, size, False, value, rip
+        self._rsi_in_hook = rsi
+        self._stop(EXIT_REASON_IO_INSTRUCTION)
+
+    def _on_in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
+        rip, _, rax = self._in_hook.read()
+        io = self.io
+        io.port, io.size, io.is_in, io.value, io.insn_rip, io.rax = port, size, True, 0, rip, rax
+        self._stop(EXIT_REASON_IO_INSTRUCTION)
+        return 0
+
+    def _on_interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
+        self.exception_vector = intno
+        self._stop(EXIT_REASON_EXCEPTION_NMI)
+
+    def _on_invalid(self, uc: Uc, _ud: object) -> bool:
+        self.exception_vector = 6  # #UD
+        self._stop(EXIT_REASON_EXCEPTION_NMI)
+        return True
+
+    def _on_edge(self, uc: Uc, cur: object, prev: object, _ud: object) -> None:
+        """A new jump between translated blocks: their pages hold translated code."""
+        for tb in (cur, prev):
+            pc, size = tb.pc, tb.size  # type: ignore[attr-defined]
+            self.remember_code_at(pc)
+            if (pc + size - 1) & PAGE_MASK != pc & PAGE_MASK:
+                self.remember_code_at(pc + size - 1)
+
+    # --- entering the guest -------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Force the vCPU out of the guest (an IPI on hardware; here a stop request)."""
+        with self._lock:
+            self.kick_requested = True
+            if self.running:
+                self.uc.emu_stop()
+
+    def vcpu_run(self, rip: int) -> int:
+        """Run the guest from `rip` until something needs the hypervisor; return the reason."""
+        with self._lock:
+            if self.kick_requested:
+                self.kick_requested = False
+                self.exit_reason = EXIT_REASON_EXTERNAL_INTERRUPT
+                return self.exit_reason
+            self.running = True
+        self._exit_pending = False
+        uc = self.uc
+        try:
+            err = _emu_start(self._h, rip, 0, 0, RUN_FOREVER)
+        finally:
+            with self._lock:
+                self.running = False
+                kicked, self.kick_requested = self.kick_requested, False
+        if uc._hook_exception is not None:  # a hook raised: a kvmlab bug, not the guest's
+            exc, uc._hook_exception = uc._hook_exception, None
+            raise exc
+        self.rip, rsi, self.rflags = self._after.read()
+        if err != UC_ERR_OK:
+            if err in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
+                return self._set_reason(EXIT_REASON_EPT_VIOLATION)
+            raise UcError(err)
+        if self._exit_pending:
+            if self.exit_reason == EXIT_REASON_IO_INSTRUCTION:
+                self._decode_io(rsi)
+            return self.exit_reason
+        # emu_start returned by itself: the guest executed HLT, unless a kick stopped it.
+        return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT if kicked else EXIT_REASON_HLT)
+
+    def _set_reason(self, reason: int) -> int:
+        self.exit_reason = reason
+        return reason
+
+    def _decode_io(self, rsi: int) -> None:
+        """Tell string IO from plain IN/OUT by what the instruction did to the registers.
+
+        OUTS moved RSI; INS was rolled back by Unicorn (its stop lands after the store), so rip
+        did not move. Only then are the instruction bytes read, to find a REP prefix.
+        """
+        io = self.io
+        if io.is_in:
+            io.string = self.rip == io.insn_rip
+        else:
+            io.string = rsi != self._rsi_in_hook
+        io.next_rip = self.rip
+        io.rep = False
+        if io.string:
+            code = self.cpu.read_code(io.insn_rip, 15)
+            for byte in code:
+                if byte not in _PREFIXES:
+                    break
+                io.rep = io.rep or byte in _REP_PREFIXES
+            if io.is_in:
+                io.rep = io.rep and self.cpu.read_reg(UC_X86_REG_RCX) != 0

@@ -1,0 +1,555 @@
+"""arch/x86/kvm for the simulator: vCPU creation and reset, register ioctls, and KVM_RUN.
+
+Functions carry the names of arch/x86/kvm/x86.c (Linux 6.12) and do what those do, in the same
+order; the vendor half (vmx.c on Intel hardware) is `uc.py`, where Unicorn is the CPU.
+https://elixir.bootlin.com/linux/v6.12/source/arch/x86/kvm/x86.c
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from unicorn.x86_const import UC_X86_REG_RAX
+
+from kvmlab.kernel.arch.x86 import uc as vendor
+from kvmlab.kernel.arch.x86.uc import UcVcpu
+from kvmlab.kernel.kvm_main import Kvm, KvmVcpu
+from kvmlab.kernel.signals import signal_pending
+from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
+from kvmlab.uapi import (
+    APIC_DEFAULT_PHYS_BASE,
+    KVM_CAP_HLT,
+    KVM_CAP_MAX_VCPU_ID,
+    KVM_CAP_MAX_VCPUS,
+    KVM_CAP_MP_STATE,
+    KVM_CAP_NR_VCPUS,
+    KVM_CAP_SET_TSS_ADDR,
+    KVM_CAP_SYNC_MMU,
+    KVM_EXIT_EXCEPTION,
+    KVM_EXIT_HLT,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_IN,
+    KVM_EXIT_IO_OUT,
+    KVM_EXIT_UNKNOWN,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MP_STATE_RUNNABLE,
+    KVM_PIO_PAGE_OFFSET,
+    KVM_SET_REGS,
+    KVM_SET_SREGS,
+    KVM_SET_TSS_ADDR,
+    KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS,
+    KVM_SYNC_X86_VALID_FIELDS,
+    MSR_IA32_APICBASE_BSP,
+    MSR_IA32_APICBASE_ENABLE,
+    SEGMENT_NAMES,
+    X86_CR0_CD,
+    X86_CR0_ET,
+    X86_CR0_NW,
+    X86_CR0_PE,
+    X86_CR0_PG,
+    X86_CR4_PAE,
+    X86_EFER_LMA,
+    X86_EFER_LME,
+    X86_RFLAGS_FIXED,
+    X86_RFLAGS_IF,
+    kvm_regs,
+    kvm_run,
+    kvm_sregs,
+)
+
+PAGE_SIZE = 4096
+KVM_MAX_VCPUS = 1024  # CONFIG_KVM_MAX_NR_VCPUS default
+KVM_VCPU_ID_RATIO = 4
+KVM_MAX_VCPU_IDS = KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO
+KVM_X86_DEFAULT_VM = 0
+CR8_RESERVED_BITS = ~0xF & (2**64 - 1)
+# CR4 bits valid for a guest with no CPUID set (VME..OSXMMEXCPT); the others need CPUID bits.
+CR4_VALID_WITHOUT_CPUID = 0x7FF
+DEFAULT_MAXPHYADDR = 36  # cpuid_maxphyaddr() when the guest has no CPUID leaf 0x80000008
+X2APIC_ENABLE = 1 << 10
+
+
+@dataclass
+class KvmVcpuArch:
+    """struct kvm_vcpu_arch: what KVM keeps for an x86 vCPU beside the CPU's own registers.
+
+    Like KVM's `regs_avail`/`regs_dirty`, rip (and rax while an IN is pending) are cached here
+    and written to the CPU only when needed: the common exit then costs no register writes.
+    """
+
+    hw: UcVcpu
+    apic_base: int = 0
+    cr8: int = 0
+    mp_state: int = KVM_MP_STATE_RUNNABLE
+    rip: int = 0
+    rip_dirty: bool = False  # `rip` is newer than the CPU's
+    new_entry: bool = True  # userspace moved rip or CS since the last entry
+    rflags: int = X86_RFLAGS_FIXED
+    rax_dirty: int | None = None  # an rax the CPU does not hold yet
+    # the pending userspace-IO completion, as vcpu->arch.complete_userspace_io
+    complete_userspace_io: Callable[[KvmVcpu], None] | None = None
+    cui_linear_rip: int = 0
+    pio_size: int = 0
+    pio_next_rip: int = 0
+
+
+@dataclass
+class KvmArchVm:
+    """struct kvm_arch."""
+
+    tss_addr: int = 0
+
+
+def _vcpu_arch(vcpu: KvmVcpu) -> KvmVcpuArch:
+    arch: KvmVcpuArch = vcpu.arch
+    return arch
+
+
+def kvm_rip_read(vcpu: KvmVcpu) -> int:
+    return _vcpu_arch(vcpu).rip
+
+
+def kvm_rip_write(vcpu: KvmVcpu, rip: int) -> None:
+    arch = _vcpu_arch(vcpu)
+    arch.rip, arch.rip_dirty = rip, True
+
+
+def kvm_register_flush(vcpu: KvmVcpu) -> None:
+    """Write the cached registers to the CPU before anything reads the CPU directly."""
+    arch = _vcpu_arch(vcpu)
+    cpu = arch.hw.cpu
+    if arch.rip_dirty:
+        cpu.set_rip(arch.rip)
+        arch.rip_dirty = False
+    if arch.rax_dirty is not None:
+        cpu.write_reg(UC_X86_REG_RAX, arch.rax_dirty)
+        arch.rax_dirty = None
+
+
+# --- VM ---------------------------------------------------------------------------------------
+
+
+def kvm_arch_init_vm(kvm: Kvm, type_: int) -> None:
+    if type_ != KVM_X86_DEFAULT_VM:  # kvm_is_vm_type_supported: only the default type here
+        fail(errno.EINVAL)
+    kvm.arch = KvmArchVm()
+
+
+def kvm_arch_destroy_vm(kvm: Kvm) -> None:
+    """Nothing arch-wide to free: the vCPUs' engines go with kvm_arch_vcpu_destroy."""
+
+
+def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
+    """x86's answers for the capabilities kvmlab implements; 0 for everything else."""
+    if cap in (KVM_CAP_HLT, KVM_CAP_MP_STATE, KVM_CAP_SET_TSS_ADDR, KVM_CAP_SYNC_MMU):
+        return 1
+    if cap == KVM_CAP_NR_VCPUS:
+        return min(os.cpu_count() or 1, KVM_MAX_VCPUS)
+    if cap == KVM_CAP_MAX_VCPUS:
+        return KVM_MAX_VCPUS
+    if cap == KVM_CAP_MAX_VCPU_ID:
+        return KVM_MAX_VCPU_IDS
+    return 0
+
+
+def kvm_arch_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
+    if cmd == KVM_SET_TSS_ADDR:
+        return kvm_vm_ioctl_set_tss_addr(kvm, arg)
+    fail(errno.ENOTTY)
+
+
+def kvm_vm_ioctl_set_tss_addr(kvm: Kvm, addr: int) -> int:
+    """The three pages of the real-mode TSS must lie below 4 GiB."""
+    if addr > (-3 * PAGE_SIZE) & 0xFFFFFFFF:
+        fail(errno.EINVAL)
+    kvm.arch.tss_addr = addr
+    return 0
+
+
+# --- vCPU creation and reset ------------------------------------------------------------------
+
+
+def kvm_arch_vcpu_precreate(kvm: Kvm, id_: int) -> None:
+    """x86 has nothing more to refuse here (max_vcpu_ids equals KVM_MAX_VCPU_IDS)."""
+
+
+def kvm_arch_vcpu_create(vcpu: KvmVcpu) -> None:
+    vcpu.arch = KvmVcpuArch(hw=UcVcpu())
+    kvm_vcpu_reset(vcpu, init_event=False)
+
+
+def kvm_arch_vcpu_destroy(vcpu: KvmVcpu) -> None:
+    if vcpu.arch is not None:
+        vcpu.arch.hw.close()
+
+
+def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
+    """The architectural power-on state: real mode, CS:IP = f000:fff0, first fetch at 4G-16."""
+    arch = _vcpu_arch(vcpu)
+    regs = kvm_regs(rdx=0x600, rip=0xFFF0, rflags=X86_RFLAGS_FIXED)
+    sregs = kvm_sregs()
+    for name in SEGMENT_NAMES:
+        seg = getattr(sregs, name)
+        seg.limit, seg.present, seg.s, seg.type = 0xFFFF, 1, 1, 3
+    sregs.cs.selector, sregs.cs.base, sregs.cs.type = 0xF000, 0xFFFF0000, 0xB
+    sregs.tr.s, sregs.tr.type = 0, 0xB
+    sregs.ldt.s, sregs.ldt.type = 0, 2
+    sregs.gdt.limit = sregs.idt.limit = 0xFFFF
+    sregs.cr0 = X86_CR0_ET | X86_CR0_NW | X86_CR0_CD
+    kvm_arch_vcpu_ioctl_set_regs(vcpu, regs)
+    arch.hw.cpu.set_sregs(sregs)
+    arch.cr8 = 0
+    arch.apic_base = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE
+    if vcpu.vcpu_id == 0:  # kvm_vcpu_is_reset_bsp
+        arch.apic_base |= MSR_IA32_APICBASE_BSP
+    arch.mp_state = KVM_MP_STATE_RUNNABLE
+
+
+# --- register ioctls --------------------------------------------------------------------------
+
+
+def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
+    """The x86 vCPU ioctls; anything unknown is EINVAL."""
+    if cmd == KVM_GET_REGS:
+        regs = kvm_regs()
+        kvm_arch_vcpu_ioctl_get_regs(vcpu, regs)
+        copy_to_user(arg, regs)
+        return 0
+    if cmd == KVM_SET_REGS:
+        kvm_arch_vcpu_ioctl_set_regs(vcpu, copy_struct_from_user(kvm_regs, arg))
+        return 0
+    if cmd == KVM_GET_SREGS:
+        sregs = kvm_sregs()
+        kvm_arch_vcpu_ioctl_get_sregs(vcpu, sregs)
+        copy_to_user(arg, sregs)
+        return 0
+    if cmd == KVM_SET_SREGS:
+        kvm_arch_vcpu_ioctl_set_sregs(vcpu, copy_struct_from_user(kvm_sregs, arg))
+        return 0
+    fail(errno.EINVAL)
+
+
+def kvm_arch_vcpu_ioctl_get_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
+    kvm_register_flush(vcpu)
+    _vcpu_arch(vcpu).hw.cpu.get_regs(regs)
+
+
+def kvm_arch_vcpu_ioctl_set_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
+    """__set_regs: every register as given, except that RFLAGS bit 1 always reads as 1."""
+    arch = _vcpu_arch(vcpu)
+    regs.rflags |= X86_RFLAGS_FIXED
+    arch.hw.cpu.set_regs(regs)
+    arch.rip, arch.rip_dirty, arch.rflags, arch.rax_dirty = regs.rip, False, regs.rflags, None
+    arch.new_entry = True
+
+
+def kvm_arch_vcpu_ioctl_get_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
+    arch = _vcpu_arch(vcpu)
+    kvm_register_flush(vcpu)
+    arch.hw.cpu.get_sregs(sregs)
+    sregs.cr8 = arch.cr8
+    sregs.apic_base = arch.apic_base
+
+
+def kvm_is_valid_cr0(cr0: int) -> bool:
+    if cr0 >> 32:
+        return False
+    if cr0 & X86_CR0_NW and not cr0 & X86_CR0_CD:
+        return False
+    return not (cr0 & X86_CR0_PG and not cr0 & X86_CR0_PE)
+
+
+def kvm_is_valid_cr4(cr4: int) -> bool:
+    return not cr4 & ~CR4_VALID_WITHOUT_CPUID
+
+
+def kvm_is_valid_sregs(sregs: kvm_sregs) -> bool:
+    """The consistency KVM_SET_SREGS demands before it loads anything."""
+    if sregs.efer & X86_EFER_LME and sregs.cr0 & X86_CR0_PG:
+        # 64-bit mode (perhaps with a 32-bit CS): PAE and LMA must be on, CR3 addressable.
+        if not sregs.cr4 & X86_CR4_PAE or not sregs.efer & X86_EFER_LMA:
+            return False
+        if sregs.cr3 >> DEFAULT_MAXPHYADDR:
+            return False
+    elif sregs.efer & X86_EFER_LMA or sregs.cs.l:
+        return False
+    return kvm_is_valid_cr4(sregs.cr4) and kvm_is_valid_cr0(sregs.cr0)
+
+
+def kvm_set_apic_base_valid(value: int) -> bool:
+    """kvm_set_apic_base's checks: reserved bits, and x2APIC (not offered) or the invalid mode."""
+    reserved = (~((1 << DEFAULT_MAXPHYADDR) - 1) & (2**64 - 1)) | 0x2FF | X2APIC_ENABLE
+    return not value & reserved
+
+
+def kvm_arch_vcpu_ioctl_set_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
+    """__set_sregs: validate, then load; VMX details (accessed bit, unusable) as on hardware."""
+    arch = _vcpu_arch(vcpu)
+    if not kvm_is_valid_sregs(sregs):
+        fail(errno.EINVAL)
+    if not kvm_set_apic_base_valid(sregs.apic_base):
+        fail(errno.EINVAL)
+    arch.apic_base = sregs.apic_base
+    if not sregs.cr8 & CR8_RESERVED_BITS:
+        arch.cr8 = sregs.cr8
+    for name in SEGMENT_NAMES:
+        vmx_fixup_segment(getattr(sregs, name), name)
+    kvm_register_flush(vcpu)
+    arch.hw.cpu.set_sregs(sregs)
+    arch.new_entry = True
+
+
+def vmx_fixup_segment(seg: Any, name: str) -> None:
+    """What VMX's access-rights encoding does to a segment written by KVM_SET_SREGS.
+
+    An unusable or non-present segment reads back as unusable with empty attributes; with
+    unrestricted guest the accessed bit of every usable segment but LDTR is forced on.
+    """
+    if seg.unusable or not seg.present:
+        seg.unusable, seg.present = 1, 0
+        seg.type = seg.s = seg.dpl = seg.avl = seg.l = seg.db = seg.g = 0
+    elif name != "ldt":
+        seg.type |= 1
+
+
+def kvm_arch_vcpu_ioctl_get_mpstate(vcpu: KvmVcpu) -> int:
+    return _vcpu_arch(vcpu).mp_state
+
+
+# --- KVM_RUN ----------------------------------------------------------------------------------
+
+
+def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
+    """KVM_RUN: finish the last exit's IO, then run until the next exit userspace must see."""
+    run: Any = vcpu.run
+    arch = _vcpu_arch(vcpu)
+    run.flags = 0
+    try:
+        if (run.kvm_valid_regs | run.kvm_dirty_regs) & ~KVM_SYNC_X86_VALID_FIELDS:
+            fail(errno.EINVAL)
+        if run.kvm_dirty_regs:
+            sync_regs(vcpu)
+        if run.cr8 & CR8_RESERVED_BITS:  # kvm_set_cr8 from kvm_run without an in-kernel APIC
+            fail(errno.EINVAL)
+        arch.cr8 = run.cr8
+        cui = arch.complete_userspace_io
+        if cui is not None:
+            arch.complete_userspace_io = None
+            cui(vcpu)
+        if run.immediate_exit:
+            fail(errno.EINTR)
+        vcpu_run(vcpu)
+    finally:
+        if run.kvm_valid_regs:
+            store_regs(vcpu)
+        post_kvm_run_save(vcpu)
+    return 0
+
+
+def vcpu_run(vcpu: KvmVcpu) -> None:
+    """Enter the guest again and again until an exit must go to userspace (or a signal)."""
+    run: Any = vcpu.run
+    run.exit_reason = KVM_EXIT_UNKNOWN
+    while True:
+        if vcpu_enter_guest(vcpu) <= 0:
+            return
+        if signal_pending(vcpu):
+            run.exit_reason = KVM_EXIT_INTR  # kvm_handle_signal_exit
+            fail(errno.EINTR)
+
+
+def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
+    """One trip into the guest and back: >0 means re-enter, 0 means exit to userspace."""
+    arch = _vcpu_arch(vcpu)
+    hw = arch.hw
+    slots = vcpu.kvm.memslots[0]
+    if hw.generation != slots.generation:
+        hw.load_memslots(slots)
+    else:
+        hw.invalidate_stale_code()
+    if arch.rax_dirty is not None:
+        kvm_register_flush(vcpu)
+    if arch.new_entry:  # userspace set rip or CS: note the code page it points to
+        kvm_register_flush(vcpu)
+        hw.remember_code_at(hw.cpu.code_linear(arch.rip))
+        arch.new_entry = False
+    exit_reason = hw.vcpu_run(arch.rip)
+    arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
+    return handle_exit(vcpu, exit_reason)
+
+
+def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
+    """vmx_handle_exit: dispatch on the hardware exit reason."""
+    if exit_reason == vendor.EXIT_REASON_IO_INSTRUCTION:
+        return handle_io(vcpu)
+    if exit_reason == vendor.EXIT_REASON_HLT:
+        return kvm_emulate_halt(vcpu)
+    if exit_reason == vendor.EXIT_REASON_EXTERNAL_INTERRUPT:
+        return 1  # a kick: back to vcpu_run, which looks for signals and requests
+    if exit_reason == vendor.EXIT_REASON_EPT_VIOLATION:
+        return handle_emulation_failure(vcpu)
+    return handle_exception_nmi(vcpu)
+
+
+def handle_io(vcpu: KvmVcpu) -> int:
+    """IN/OUT: KVM's fast PIO path. The exit reports the instruction as not yet executed; the
+    next KVM_RUN retires it (complete_fast_pio_in/out), unless userspace moved rip."""
+    arch = _vcpu_arch(vcpu)
+    io = arch.hw.io
+    if io.string:
+        return handle_string_io(vcpu)
+    run: Any = vcpu.run
+    io_exit = run.io
+    io_exit.size = io.size
+    io_exit.port = io.port
+    io_exit.count = 1
+    io_exit.data_offset = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
+    run.exit_reason = KVM_EXIT_IO
+    arch.cui_linear_rip = arch.rip = io.insn_rip
+    arch.rip_dirty = True  # the CPU is already past the instruction
+    arch.pio_size, arch.pio_next_rip = io.size, io.next_rip
+    if io.is_in:
+        io_exit.direction = KVM_EXIT_IO_IN
+        vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = bytes(io.size)
+        arch.rax_dirty = io.rax  # Unicorn already merged a placeholder into rax
+        arch.complete_userspace_io = complete_fast_pio_in
+    else:
+        io_exit.direction = KVM_EXIT_IO_OUT
+        vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = io.value.to_bytes(io.size, "little")
+        arch.complete_userspace_io = complete_fast_pio_out
+    return 0
+
+
+def handle_string_io(vcpu: KvmVcpu) -> int:
+    """OUTS: Unicorn has done one element; report it with count 1, as KVM's emulator does.
+
+    INS needs KVM's read-ahead batching and lands with the rest of string IO (part 2).
+    """
+    arch = _vcpu_arch(vcpu)
+    io = arch.hw.io
+    run: Any = vcpu.run
+    if io.is_in:
+        return handle_emulation_failure(vcpu)
+    run.exit_reason = KVM_EXIT_IO
+    run.io.direction = KVM_EXIT_IO_OUT
+    run.io.size = io.size
+    run.io.port = io.port
+    run.io.count = 1
+    run.io.data_offset = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
+    vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = io.value.to_bytes(io.size, "little")
+    return 0
+
+
+def complete_fast_pio_out(vcpu: KvmVcpu) -> None:
+    """Retire the OUT: skip it, unless userspace moved rip meanwhile."""
+    arch = _vcpu_arch(vcpu)
+    if arch.rip == arch.cui_linear_rip:
+        kvm_rip_write(vcpu, arch.pio_next_rip)
+
+
+def complete_fast_pio_in(vcpu: KvmVcpu) -> None:
+    """Retire the IN with userspace's data: merge below 4 bytes, zero-extend at 4, skip it."""
+    arch = _vcpu_arch(vcpu)
+    if arch.rip != arch.cui_linear_rip:
+        return
+    size = arch.pio_size
+    data = int.from_bytes(vcpu.run_map[PAGE_SIZE : PAGE_SIZE + size], "little")
+    if size < 4:
+        rax = arch.rax_dirty
+        if rax is None:
+            rax = arch.hw.cpu.read_reg(UC_X86_REG_RAX)
+        mask = (1 << (8 * size)) - 1
+        data |= rax & ~mask
+    arch.rax_dirty = data
+    kvm_rip_write(vcpu, arch.pio_next_rip)
+
+
+def kvm_emulate_halt(vcpu: KvmVcpu) -> int:
+    """HLT without an in-kernel local APIC: rip is already past it; userspace decides."""
+    vcpu.run.exit_reason = KVM_EXIT_HLT
+    return 0
+
+
+def handle_emulation_failure(vcpu: KvmVcpu) -> int:
+    """Code fetched from where no memory slot is: KVM's emulator gives up (suberror 1)."""
+    run: Any = vcpu.run
+    run.exit_reason = KVM_EXIT_INTERNAL_ERROR
+    run.internal.suberror = KVM_INTERNAL_ERROR_EMULATION
+    run.internal.ndata = 0
+    return 0
+
+
+def handle_exception_nmi(vcpu: KvmVcpu) -> int:
+    """A guest exception the simulator does not deliver yet: report it as KVM_EXIT_EXCEPTION."""
+    hw = _vcpu_arch(vcpu).hw
+    run: Any = vcpu.run
+    run.exit_reason = KVM_EXIT_EXCEPTION
+    run.ex.exception = hw.exception_vector
+    run.ex.error_code = hw.cpu.exception_error_code()
+    return 0
+
+
+# --- kvm_run bookkeeping ----------------------------------------------------------------------
+
+
+def sync_regs(vcpu: KvmVcpu) -> None:
+    """Load the register sets userspace marked dirty in kvm_run.s.regs, then clear the marks."""
+    run: Any = vcpu.run
+    if run.kvm_dirty_regs & KVM_SYNC_X86_REGS:
+        regs = kvm_regs.from_buffer_copy(run.s.regs.regs)
+        kvm_arch_vcpu_ioctl_set_regs(vcpu, regs)
+    if run.kvm_dirty_regs & KVM_SYNC_X86_SREGS:
+        kvm_arch_vcpu_ioctl_set_sregs(vcpu, kvm_sregs.from_buffer_copy(run.s.regs.sregs))
+    run.kvm_dirty_regs &= ~(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS)
+
+
+def store_regs(vcpu: KvmVcpu) -> None:
+    """Copy the register sets userspace asked for (kvm_valid_regs) into kvm_run.s.regs."""
+    run: Any = vcpu.run
+    if run.kvm_valid_regs & KVM_SYNC_X86_REGS:
+        kvm_arch_vcpu_ioctl_get_regs(vcpu, run.s.regs.regs)
+    if run.kvm_valid_regs & KVM_SYNC_X86_SREGS:
+        kvm_arch_vcpu_ioctl_get_sregs(vcpu, run.s.regs.sregs)
+
+
+def post_kvm_run_save(vcpu: KvmVcpu) -> None:
+    """Tell userspace, in kvm_run, about IF, CR8, the APIC base and whether it may inject."""
+    run: Any = vcpu.run
+    arch = _vcpu_arch(vcpu)
+    if_flag = bool(arch.rflags & X86_RFLAGS_IF)
+    run.if_flag = if_flag
+    run.cr8 = arch.cr8
+    run.apic_base = arch.apic_base
+    run.ready_for_interrupt_injection = if_flag and not arch.hw.cpu.interrupt_shadow()
+
+
+class X86:
+    """The x86 ops handed to kvm_init (what kvm_x86_ops and the arch hooks are in Linux)."""
+
+    name = "x86_64"
+    KVM_MAX_VCPUS = KVM_MAX_VCPUS
+    KVM_MAX_VCPU_IDS = KVM_MAX_VCPU_IDS
+    KVM_VCPU_MMAP_PAGES = 3  # kvm_run, the PIO data page, the coalesced MMIO ring
+    kvm_run_type = kvm_run
+    vm_ioctl_default_errno = errno.ENOTTY
+
+    kvm_arch_init_vm = staticmethod(kvm_arch_init_vm)
+    kvm_arch_destroy_vm = staticmethod(kvm_arch_destroy_vm)
+    kvm_vm_ioctl_check_extension = staticmethod(kvm_vm_ioctl_check_extension)
+    kvm_arch_vm_ioctl = staticmethod(kvm_arch_vm_ioctl)
+    kvm_arch_vcpu_precreate = staticmethod(kvm_arch_vcpu_precreate)
+    kvm_arch_vcpu_create = staticmethod(kvm_arch_vcpu_create)
+    kvm_arch_vcpu_destroy = staticmethod(kvm_arch_vcpu_destroy)
+    kvm_arch_vcpu_ioctl = staticmethod(kvm_arch_vcpu_ioctl)
+    kvm_arch_vcpu_ioctl_run = staticmethod(kvm_arch_vcpu_ioctl_run)
+    kvm_arch_vcpu_ioctl_get_mpstate = staticmethod(kvm_arch_vcpu_ioctl_get_mpstate)

@@ -1,0 +1,388 @@
+"""The architecture-neutral core of the simulated kvm module, after virt/kvm/kvm_main.c.
+
+Three kinds of file, three ioctl entry points: `/dev/kvm` (kvm_dev_ioctl), a VM
+(kvm_vm_ioctl) and a vCPU (kvm_vcpu_ioctl). Names, checks, their order and their errno follow
+Linux 6.12 so that a walkthrough of the C source can be followed here line by line:
+https://elixir.bootlin.com/linux/v6.12/source/virt/kvm/kvm_main.c
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+from typing import Any, Protocol
+
+from kvmlab.kernel import fs, signals
+from kvmlab.kernel.memslots import (
+    KVM_ADDRESS_SPACE_NUM,
+    KVM_USER_MEM_SLOTS,
+    PAGE_SIZE,
+    KvmMemslots,
+    set_memory_region,
+)
+from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
+from kvmlab.uapi import (
+    KVM_API_VERSION,
+    KVM_CAP_CHECK_EXTENSION_VM,
+    KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
+    KVM_CAP_IMMEDIATE_EXIT,
+    KVM_CAP_INTERNAL_ERROR_DATA,
+    KVM_CAP_JOIN_MEMORY_REGIONS_WORKS,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_USER_MEMORY,
+    KVM_CHECK_EXTENSION,
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_GET_API_VERSION,
+    KVM_GET_MP_STATE,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_RUN,
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
+    kvm_mp_state,
+    kvm_userspace_memory_region,
+)
+from kvmlab.uapi.ioctl import _IOC_TYPE
+
+KVM_MINOR = 232
+_NO_MAPPING = mmap.mmap(-1, mmap.PAGESIZE)  # stands in until a vCPU's own pages are mapped
+
+
+class KvmArch(Protocol):
+    """The hooks an architecture (arch/x86/kvm, arch/arm64/kvm) gives the generic core."""
+
+    name: str
+    KVM_MAX_VCPUS: int
+    KVM_MAX_VCPU_IDS: int
+    KVM_VCPU_MMAP_PAGES: int
+    kvm_run_type: type[ctypes.Structure]
+    vm_ioctl_default_errno: int
+
+    def kvm_arch_init_vm(self, kvm: Kvm, type_: int) -> None: ...
+    def kvm_arch_destroy_vm(self, kvm: Kvm) -> None: ...
+    def kvm_vm_ioctl_check_extension(self, kvm: Kvm | None, cap: int) -> int: ...
+    def kvm_arch_vm_ioctl(self, kvm: Kvm, cmd: int, arg: int) -> int: ...
+    def kvm_arch_vcpu_precreate(self, kvm: Kvm, id_: int) -> None: ...
+    def kvm_arch_vcpu_create(self, vcpu: KvmVcpu) -> None: ...
+    def kvm_arch_vcpu_destroy(self, vcpu: KvmVcpu) -> None: ...
+    def kvm_arch_vcpu_ioctl(self, vcpu: KvmVcpu, cmd: int, arg: int) -> int: ...
+    def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu) -> int: ...
+    def kvm_arch_vcpu_ioctl_get_mpstate(self, vcpu: KvmVcpu) -> int: ...
+
+
+class Kvm:
+    """struct kvm: one virtual machine."""
+
+    def __init__(self, arch: KvmArch, type_: int) -> None:
+        self.arch_ops = arch
+        self.type = type_
+        self.mm = os.getpid()  # kvm->mm: only the creating process may use the VM
+        self.lock = threading.Lock()
+        self.users_count = 1  # the VM file's reference
+        self.vm_dead = False
+        self.max_vcpus = arch.KVM_MAX_VCPUS
+        self.created_vcpus = 0
+        self.online_vcpus = 0
+        self.vcpu_array: list[KvmVcpu] = []
+        self.memslots = [KvmMemslots() for _ in range(KVM_ADDRESS_SPACE_NUM)]
+        self.slots_lock = threading.Lock()
+        self.arch: Any = None  # struct kvm_arch, filled by kvm_arch_init_vm
+
+    def kvm_get_vcpu_by_id(self, id_: int) -> KvmVcpu | None:
+        for vcpu in self.vcpu_array:
+            if vcpu.vcpu_id == id_:
+                return vcpu
+        return None
+
+
+class KvmVcpu:
+    """struct kvm_vcpu: one virtual CPU and its shared `kvm_run` page."""
+
+    def __init__(self, kvm: Kvm, id_: int) -> None:
+        # kvm_vcpu_init
+        self.kvm = kvm
+        self.vcpu_id = id_
+        self.vcpu_idx = -1
+        self.mutex = threading.Lock()
+        self.pid: int | None = None  # the thread of the last KVM_RUN
+        self.run_memfd = -1
+        self.run_map = _NO_MAPPING  # the kvm_run pages, mapped by create_vcpu_fd
+        self.run: Any = None  # struct kvm_run over run_map
+        self.arch: Any = None  # struct kvm_vcpu_arch
+
+
+vm_list: list[Kvm] = []
+_vm_list_lock = threading.Lock()
+kvm_arch_ops: KvmArch | None = None
+
+
+# --- reference counting ---------------------------------------------------------------------
+
+
+def kvm_get_kvm(kvm: Kvm) -> None:
+    with kvm.lock:
+        kvm.users_count += 1
+
+
+def kvm_put_kvm(kvm: Kvm) -> None:
+    """Drop a reference; the last one destroys the VM."""
+    with kvm.lock:
+        kvm.users_count -= 1
+        last = kvm.users_count == 0
+    if last:
+        kvm_destroy_vm(kvm)
+
+
+def kvm_destroy_vm(kvm: Kvm) -> None:
+    """Take the VM off vm_list, destroy its vCPUs (kvm_arch_destroy_vm) and free its slots."""
+    with _vm_list_lock:
+        if kvm in vm_list:
+            vm_list.remove(kvm)
+    kvm.arch_ops.kvm_arch_destroy_vm(kvm)
+    for vcpu in kvm.vcpu_array:
+        kvm_vcpu_destroy(vcpu)
+    kvm.vcpu_array.clear()
+    for slots in kvm.memslots:
+        slots.slots.clear()
+
+
+def kvm_vcpu_destroy(vcpu: KvmVcpu) -> None:
+    vcpu.kvm.arch_ops.kvm_arch_vcpu_destroy(vcpu)
+    vcpu.run = None
+    if vcpu.run_map is not _NO_MAPPING:
+        vcpu.run_map.close()
+
+
+# --- /dev/kvm ---------------------------------------------------------------------------------
+
+
+class KvmChardevOps:
+    """kvm_chardev_ops: the file operations of /dev/kvm itself."""
+
+    name = "kvm"
+
+    def unlocked_ioctl(self, file: fs.File, cmd: int, arg: int) -> int:
+        return kvm_dev_ioctl(cmd, arg)
+
+    def mmap(self, file: fs.File, length: int, offset: int) -> None:
+        fail(errno.ENODEV)
+
+    def release(self, file: fs.File) -> None:
+        pass  # /dev/kvm keeps no per-open state
+
+
+def _arch() -> KvmArch:
+    if kvm_arch_ops is None:
+        fail(errno.ENODEV)
+    return kvm_arch_ops
+
+
+def kvm_dev_ioctl(cmd: int, arg: int) -> int:
+    """The ioctls of /dev/kvm: API version, VM creation, capabilities, the vCPU mmap size."""
+    arch = _arch()
+    if cmd == KVM_GET_API_VERSION:
+        if arg:
+            fail(errno.EINVAL)
+        return KVM_API_VERSION
+    if cmd == KVM_CREATE_VM:
+        return kvm_dev_ioctl_create_vm(arg)
+    if cmd == KVM_CHECK_EXTENSION:
+        return kvm_vm_ioctl_check_extension_generic(None, arg)
+    if cmd == KVM_GET_VCPU_MMAP_SIZE:
+        if arg:
+            fail(errno.EINVAL)
+        return arch.KVM_VCPU_MMAP_PAGES * PAGE_SIZE
+    fail(errno.EINVAL)  # kvm_arch_dev_ioctl's default
+
+
+def kvm_dev_ioctl_create_vm(type_: int) -> int:
+    kvm = kvm_create_vm(type_)
+    return fs.anon_inode_getfd("kvm-vm", KVM_VM_FOPS, kvm)
+
+
+def kvm_create_vm(type_: int) -> Kvm:
+    """Allocate a VM owned by this process, let the arch check `type_`, add it to vm_list."""
+    arch = _arch()
+    kvm = Kvm(arch, type_)
+    arch.kvm_arch_init_vm(kvm, type_)
+    with _vm_list_lock:
+        vm_list.append(kvm)
+    return kvm
+
+
+def kvm_vm_ioctl_check_extension_generic(kvm: Kvm | None, cap: int) -> int:
+    """KVM_CHECK_EXTENSION: generic capabilities here, the rest from the arch; unknown → 0."""
+    if cap in (
+        KVM_CAP_USER_MEMORY,
+        KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
+        KVM_CAP_JOIN_MEMORY_REGIONS_WORKS,
+        KVM_CAP_INTERNAL_ERROR_DATA,
+        KVM_CAP_CHECK_EXTENSION_VM,
+        KVM_CAP_IMMEDIATE_EXIT,
+    ):
+        return 1
+    if cap == KVM_CAP_NR_MEMSLOTS:
+        return KVM_USER_MEM_SLOTS
+    return _arch().kvm_vm_ioctl_check_extension(kvm, cap)
+
+
+# --- VM file -------------------------------------------------------------------------------------
+
+
+class KvmVmFops:
+    """kvm_vm_fops."""
+
+    name = "kvm-vm"
+
+    def unlocked_ioctl(self, file: fs.File, cmd: int, arg: int) -> int:
+        return kvm_vm_ioctl(file.private_data, cmd, arg)
+
+    def mmap(self, file: fs.File, length: int, offset: int) -> None:
+        fail(errno.ENODEV)
+
+    def release(self, file: fs.File) -> None:
+        """kvm_vm_release: the VM itself lives on while vCPU files hold references."""
+        kvm_put_kvm(file.private_data)
+
+
+def kvm_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
+    """The ioctls of a VM fd; anything unknown goes to kvm_arch_vm_ioctl (ENOTTY on x86)."""
+    if kvm.mm != os.getpid() or kvm.vm_dead:
+        fail(errno.EIO)
+    if cmd == KVM_CREATE_VCPU:
+        return kvm_vm_ioctl_create_vcpu(kvm, arg)
+    if cmd == KVM_SET_USER_MEMORY_REGION:
+        mem = copy_struct_from_user(kvm_userspace_memory_region, arg)
+        kvm_vm_ioctl_set_memory_region(kvm, mem)
+        return 0
+    if cmd == KVM_CHECK_EXTENSION:
+        return kvm_vm_ioctl_check_extension_generic(kvm, arg)
+    return kvm.arch_ops.kvm_arch_vm_ioctl(kvm, cmd, arg)
+
+
+def kvm_vm_ioctl_set_memory_region(kvm: Kvm, mem: kvm_userspace_memory_region) -> None:
+    if mem.slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
+        fail(errno.EINVAL)
+    with kvm.slots_lock:  # kvm_set_memory_region
+        set_memory_region(kvm.memslots, mem)
+
+
+def kvm_vm_ioctl_create_vcpu(kvm: Kvm, id_: int) -> int:
+    """KVM_CREATE_VCPU, check by check: the id, the vCPU limit, duplicates; then the fd."""
+    arch = kvm.arch_ops
+    if id_ >= arch.KVM_MAX_VCPU_IDS:
+        fail(errno.EINVAL)
+    with kvm.lock:
+        if kvm.created_vcpus >= kvm.max_vcpus:
+            fail(errno.EINVAL)
+        arch.kvm_arch_vcpu_precreate(kvm, id_)
+        kvm.created_vcpus += 1
+    try:
+        vcpu = KvmVcpu(kvm, id_)
+        arch.kvm_arch_vcpu_create(vcpu)
+        try:
+            with kvm.lock:
+                if kvm.kvm_get_vcpu_by_id(id_) is not None:
+                    fail(errno.EEXIST)
+                vcpu.vcpu_idx = kvm.online_vcpus
+                kvm.vcpu_array.append(vcpu)
+                kvm.users_count += 1  # kvm_get_kvm
+                try:
+                    fd = create_vcpu_fd(vcpu)
+                except BaseException:
+                    kvm.users_count -= 1  # kvm_put_kvm_no_destroy
+                    kvm.vcpu_array.remove(vcpu)
+                    raise
+                kvm.online_vcpus += 1
+        except BaseException:
+            arch.kvm_arch_vcpu_destroy(vcpu)
+            raise
+    except BaseException:
+        with kvm.lock:
+            kvm.created_vcpus -= 1
+        raise
+    return fd
+
+
+def create_vcpu_fd(vcpu: KvmVcpu) -> int:
+    """anon_inode_getfd("kvm-vcpu:N"): its memfd holds the kvm_run page and the PIO page."""
+    arch = vcpu.kvm.arch_ops
+    size = arch.KVM_VCPU_MMAP_PAGES * PAGE_SIZE
+    fd = fs.anon_inode_getfd(f"kvm-vcpu:{vcpu.vcpu_id}", KVM_VCPU_FOPS, vcpu, size)
+    vcpu.run_memfd = fd
+    vcpu.run_map = mmap.mmap(fd, size)
+    vcpu.run = arch.kvm_run_type.from_buffer(vcpu.run_map)
+    return fd
+
+
+# --- vCPU file -----------------------------------------------------------------------------------
+
+
+class KvmVcpuFops:
+    """kvm_vcpu_fops: ioctl, mmap of the kvm_run pages, release."""
+
+    name = "kvm-vcpu"
+
+    def unlocked_ioctl(self, file: fs.File, cmd: int, arg: int) -> int:
+        return kvm_vcpu_ioctl(file.private_data, cmd, arg)
+
+    def mmap(self, file: fs.File, length: int, offset: int) -> None:
+        """kvm_vcpu_mmap: only the vCPU's own pages (kvm_run, PIO data, ...) can be mapped.
+
+        The host maps a longer range and raises SIGBUS when the extra page is touched; kvmlab
+        refuses it with EINVAL instead, so a mistake never kills the interpreter.
+        """
+        vcpu: KvmVcpu = file.private_data
+        if offset % PAGE_SIZE or length <= 0:
+            fail(errno.EINVAL)
+        if offset + length > vcpu.kvm.arch_ops.KVM_VCPU_MMAP_PAGES * PAGE_SIZE:
+            fail(errno.EINVAL)
+
+    def release(self, file: fs.File) -> None:
+        """kvm_vcpu_release: only a reference on the VM goes; the vCPU itself stays."""
+        kvm_put_kvm(file.private_data.kvm)
+
+
+def kvm_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
+    """The ioctls of a vCPU fd, under vcpu->mutex; unknown ones are EINVAL."""
+    kvm = vcpu.kvm
+    if kvm.mm != os.getpid() or kvm.vm_dead:
+        fail(errno.EIO)
+    if _IOC_TYPE(cmd) != KVMIO:
+        fail(errno.EINVAL)
+    with vcpu.mutex:
+        if cmd == KVM_RUN:
+            if arg:
+                fail(errno.EINVAL)
+            vcpu.pid = threading.get_ident()
+            signals.start_signal_watcher()
+            with signals.in_kvm_run(vcpu):
+                return kvm.arch_ops.kvm_arch_vcpu_ioctl_run(vcpu)
+        if cmd == KVM_GET_MP_STATE:
+            state = kvm_mp_state(kvm.arch_ops.kvm_arch_vcpu_ioctl_get_mpstate(vcpu))
+            copy_to_user(arg, state)
+            return 0
+        return kvm.arch_ops.kvm_arch_vcpu_ioctl(vcpu, cmd, arg)
+
+
+KVM_VM_FOPS = KvmVmFops()
+KVM_VCPU_FOPS = KvmVcpuFops()
+KVM_CHARDEV_OPS = KvmChardevOps()
+kvm_dev = fs.MiscDevice(KVM_MINOR, "kvm", KVM_CHARDEV_OPS)
+
+
+def kvm_init(arch: KvmArch) -> None:
+    """Module load: install the arch's ops, then misc_register(&kvm_dev) — /dev/kvm appears last."""
+    global kvm_arch_ops
+    kvm_arch_ops = arch
+    fs.misc_register(kvm_dev)
+
+
+def kvm_exit() -> None:
+    """Module unload: /dev/kvm disappears first."""
+    global kvm_arch_ops
+    fs.misc_deregister(kvm_dev)
+    kvm_arch_ops = None

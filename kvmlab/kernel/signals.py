@@ -1,0 +1,85 @@
+"""Signals and kicks: how a vCPU gets out of KVM_RUN without the guest asking.
+
+On the host a signal to a vCPU thread makes KVM_RUN return -EINTR with KVM_EXIT_INTR. Python
+runs signal handlers only between bytecodes, never inside Unicorn's `emu_start`, so a watcher
+thread listens on `signal.set_wakeup_fd` (which the interpreter's C-level handler writes to the
+moment any signal arrives) and kicks every vCPU that is in the guest. Those vCPUs return EINTR;
+the Python handler (KeyboardInterrupt from Ctrl-C or a notebook's interrupt) then runs as usual.
+Difference from the host, documented in docs/kernel.md: a signal interrupts every running vCPU
+of the process, not only the thread it was sent to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+_running: dict[int, Any] = {}  # vcpu id() -> vcpu, while inside KVM_RUN
+_pending: set[int] = set()
+_lock = threading.Lock()
+_watcher_started = False
+_chained_fd = -1
+
+
+def _watch(read_fd: int) -> None:
+    while True:
+        select.select([read_fd], [], [])
+        try:
+            data = os.read(read_fd, 512)
+        except BlockingIOError:
+            continue
+        if _chained_fd >= 0:  # keep the wakeup fd someone else installed (e.g. asyncio) working
+            with contextlib.suppress(OSError):
+                os.write(_chained_fd, data)
+        with _lock:
+            vcpus = list(_running.values())
+            _pending.update(id(v) for v in vcpus)
+        for vcpu in vcpus:
+            vcpu.arch.hw.kick()
+
+
+def start_signal_watcher() -> None:
+    """Install the wakeup fd and its watcher (once, from the main thread)."""
+    global _watcher_started, _chained_fd
+    if _watcher_started or threading.current_thread() is not threading.main_thread():
+        return
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _chained_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(read_fd,), name="kvmlab-signals", daemon=True).start()
+    _watcher_started = True
+
+
+@contextlib.contextmanager
+def in_kvm_run(vcpu: Any) -> Iterator[None]:
+    """Mark `vcpu` as running for the duration of one KVM_RUN, so signals can reach it."""
+    with _lock:
+        _running[id(vcpu)] = vcpu
+    try:
+        yield
+    finally:
+        with _lock:
+            _running.pop(id(vcpu), None)
+            _pending.discard(id(vcpu))
+
+
+def signal_pending(vcpu: Any) -> bool:
+    """Has a signal arrived for this vCPU's thread since it entered KVM_RUN? Clears it."""
+    key = id(vcpu)
+    if key not in _pending:
+        return False
+    with _lock:
+        _pending.discard(key)
+    return True
+
+
+def kvm_vcpu_kick(vcpu: Any) -> None:
+    """Make a running vCPU leave the guest as if its thread got a signal (QEMU's SIG_IPI)."""
+    with _lock:
+        if id(vcpu) in _running:
+            _pending.add(id(vcpu))
+    vcpu.arch.hw.kick()

@@ -1,0 +1,95 @@
+"""The syscall face of the simulated /dev/kvm: open, ioctl, mmap and close.
+
+Each call has the signature and the failure mode (OSError with the kernel's errno) of
+`os.open`, `fcntl.ioctl`, `mmap.mmap` and `os.close`, so a program written for the host's
+/dev/kvm runs unchanged with those four swapped for these. Descriptors that are not kvmlab's
+(or paths other than /dev/kvm) go to the real calls.
+
+    from kvmlab import sys as k
+    kvm = k.open("/dev/kvm", os.O_RDWR)
+    vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap as _mmap
+import os
+from typing import Any
+
+from kvmlab.kernel import fs
+from kvmlab.kernel.arch.x86.x86 import X86
+from kvmlab.kernel.kvm_main import kvm_init
+
+name = "sim"
+_FCNTL_BUFSZ = 1024  # fcntl.ioctl's bounce buffer for immutable and small arguments
+_ULONG = (1 << 64) - 1
+
+kvm_init(X86())
+
+
+def open(path: str, flags: int, mode: int = 0o777) -> int:
+    """os.open: a registered device (/dev/kvm) opens the simulated one; anything else is real."""
+    misc = fs.misc_devices.get(os.path.normpath(path))
+    if misc is None:
+        return os.open(path, flags, mode)
+    return fs.anon_inode_getfd(misc.name, misc.fops, None)
+
+
+def ioctl(fd: int, request: int, arg: Any = 0, mutate_flag: bool = True) -> Any:
+    """fcntl.ioctl: an int is passed as the unsigned long argument; a buffer by address.
+
+    A writable buffer is updated in place (and the return value is the ioctl's result) unless
+    `mutate_flag` is false; an immutable one comes back as a new bytes object, as with fcntl.
+    """
+    file = fs.fdget(fd)
+    if file is None:
+        return fcntl.ioctl(fd, request, arg, mutate_flag)
+    fs.get_file(file)  # as fdget does: a close() meanwhile cannot free what the call is using
+    try:
+        return _ioctl(file, request & 0xFFFFFFFF, arg, mutate_flag)
+    finally:
+        fs.fput(file)
+
+
+def _ioctl(file: fs.File, request: int, arg: Any, mutate_flag: bool) -> Any:
+    if isinstance(arg, int):
+        return file.f_op.unlocked_ioctl(file, request, arg & _ULONG)
+    view = memoryview(arg).cast("B")
+    if view.readonly or not mutate_flag:
+        if len(view) > _FCNTL_BUFSZ:
+            raise ValueError("ioctl string arg too long")
+        bounce = ctypes.create_string_buffer(bytes(view), _FCNTL_BUFSZ)
+        file.f_op.unlocked_ioctl(file, request, ctypes.addressof(bounce))
+        return bounce.raw[: len(view)]
+    if len(view) <= _FCNTL_BUFSZ:
+        bounce = ctypes.create_string_buffer(bytes(view), _FCNTL_BUFSZ)
+        try:
+            return file.f_op.unlocked_ioctl(file, request, ctypes.addressof(bounce))
+        finally:
+            view[:] = bounce.raw[: len(view)]
+    target = (ctypes.c_char * len(view)).from_buffer(view)
+    return file.f_op.unlocked_ioctl(file, request, ctypes.addressof(target))
+
+
+def mmap(
+    fd: int,
+    length: int,
+    flags: int = _mmap.MAP_SHARED,
+    prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE,
+    offset: int = 0,
+) -> _mmap.mmap:
+    """mmap.mmap: a vCPU fd maps its kvm_run page and the pages after it."""
+    file = fs.fdget(fd)
+    if file is not None:
+        file.f_op.mmap(file, length, offset)
+    return _mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
+
+
+def close(fd: int) -> None:
+    """os.close."""
+    if fs.fdget(fd) is None:
+        os.close(fd)
+        return
+    fs.close_fd(fd)

@@ -1,0 +1,6 @@
+"""Run every benchmark: `python -m benchmarks` (or `make bench`)."""
+
+from benchmarks import kvm_run
+
+if __name__ == "__main__":
+    kvm_run.main()

@@ -1,0 +1,163 @@
+"""KVM_RUN speed: guest compute against bare Unicorn, and OUT exits against the host's /dev/kvm.
+
+(a) Guest instructions per second for a compute loop under KVM_RUN, beside bare Unicorn running
+    the same bytes (i) with no hooks and (ii) in the counted mode exact IO exits need.
+    Target: sim / (ii) >= 0.9.
+(b) OUT exits per second through kvmlab.sys.ioctl(KVM_RUN), beside the same Python program on
+    the host's /dev/kvm. Target: sim / host >= 1.0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import time
+from types import ModuleType
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
+
+from kvmlab import host
+from kvmlab import sys as sim
+from kvmlab.uapi import (
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_EXIT_HLT,
+    KVM_EXIT_IO,
+    KVM_GET_SREGS,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_RUN,
+    KVM_SET_REGS,
+    KVM_SET_SREGS,
+    KVM_SET_USER_MEMORY_REGION,
+    kvm_regs,
+    kvm_run,
+    kvm_sregs,
+    kvm_userspace_memory_region,
+)
+
+BASE = 0x1000
+RAM = 0x10000
+
+
+def compute_loop(iterations: int) -> tuple[bytes, int]:
+    """`mov ecx, N; l: add eax, 1; add ebx, eax; dec ecx; jnz l; hlt` (4N+2 instructions).
+
+    Encoded the same in 32- and 64-bit mode (`dec ecx` as FF C9), so bare Unicorn, which starts
+    in 64-bit mode, runs exactly what the 32-bit guest runs.
+    """
+    code = bytes([0xB9]) + struct.pack("<I", iterations)
+    code += bytes([0x83, 0xC0, 0x01, 0x01, 0xC3, 0xFF, 0xC9, 0x75, 0xF7, 0xF4])
+    return code, 4 * iterations + 2
+
+
+OUT_LOOP = bytes([0xE6, 0x10, 0xEB, 0xFC])  # l: out 0x10, al / jmp l
+
+
+class Guest:
+    """A one-vCPU VM in 32-bit flat protected mode running `code` at BASE."""
+
+    def __init__(self, k: ModuleType, code: bytes) -> None:
+        self.k = k
+        self.kvm = k.open("/dev/kvm", os.O_RDWR)
+        self.vm = k.ioctl(self.kvm, KVM_CREATE_VM, 0)
+        self.ram = mmap.mmap(-1, RAM)
+        self.ram[BASE : BASE + len(code)] = code
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self.ram))
+        k.ioctl(
+            self.vm, KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region(0, 0, 0, RAM, addr)
+        )
+        self.vcpu = k.ioctl(self.vm, KVM_CREATE_VCPU, 0)
+        self.shared = k.mmap(self.vcpu, k.ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0))
+        self.run = kvm_run.from_buffer(self.shared)
+        sregs = kvm_sregs()
+        k.ioctl(self.vcpu, KVM_GET_SREGS, sregs)
+        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+            seg.base, seg.limit, seg.g, seg.db = 0, 0xFFFFFFFF, 1, 1
+            seg.selector = 0x10
+        sregs.cs.selector, sregs.cs.type = 0x8, 0xB
+        sregs.cr0 |= 1
+        k.ioctl(self.vcpu, KVM_SET_SREGS, sregs)
+        k.ioctl(self.vcpu, KVM_SET_REGS, kvm_regs(rip=BASE, rflags=2))
+
+    def close(self) -> None:
+        del self.run
+        self.shared.close()
+        for fd in (self.vcpu, self.vm, self.kvm):
+            self.k.close(fd)
+
+
+def guest_compute(k: ModuleType, iterations: int) -> float:
+    code, n = compute_loop(iterations)
+    g = Guest(k, code)
+    t = time.perf_counter()
+    k.ioctl(g.vcpu, KVM_RUN, 0)
+    dt = time.perf_counter() - t
+    assert g.run.exit_reason == KVM_EXIT_HLT, g.run.exit_reason
+    g.close()
+    return n / dt
+
+
+def bare_unicorn(iterations: int, counted: bool) -> float:
+    code, n = compute_loop(iterations)
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    ram = mmap.mmap(-1, RAM)
+    ram[BASE : BASE + len(code)] = code
+    uc.mem_map_ptr(0, RAM, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(ram)))
+    if counted:
+        uc.hook_add(UC_HOOK_INSN, lambda *a: None, None, 1, 0, UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, lambda *a: 0, None, 1, 0, UC_X86_INS_IN)
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+    t = time.perf_counter()
+    if counted:
+        uc.emu_start(BASE, 0, count=n)
+    else:
+        uc.emu_start(BASE, BASE + len(code) - 1)
+    return n / (time.perf_counter() - t)
+
+
+def out_exits(k: ModuleType, count: int) -> float:
+    g = Guest(k, OUT_LOOP)
+    run, vcpu, ioctl = g.run, g.vcpu, k.ioctl
+    t = time.perf_counter()
+    for _ in range(count):
+        ioctl(vcpu, KVM_RUN, 0)
+    dt = time.perf_counter() - t
+    assert run.exit_reason == KVM_EXIT_IO
+    del run
+    g.close()
+    return count / dt
+
+
+def best(f, *args, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
+    return max(f(*args) for _ in range(repeat))
+
+
+def main() -> None:
+    n = 20_000_000
+    sim_rate = best(guest_compute, sim, n)
+    plain = best(bare_unicorn, n, False)
+    counted = best(bare_unicorn, n, True)
+    print("(a) guest compute, instructions/s")
+    print(f"    kvmlab KVM_RUN            {sim_rate / 1e6:8.1f} M/s")
+    print(f"    bare Unicorn, no hooks    {plain / 1e6:8.1f} M/s   ratio {sim_rate / plain:.2f}")
+    print(f"    bare Unicorn, counted     {counted / 1e6:8.1f} M/s   ratio {sim_rate / counted:.2f}"
+          "   (target >= 0.9)")  # fmt: skip
+    reason = host.available()
+    if reason is None:
+        host_rate = guest_compute(host, 500_000)
+        print(f"    host /dev/kvm             {host_rate / 1e6:8.1f} M/s   ratio "
+              f"{sim_rate / host_rate:.2f}")  # fmt: skip
+    exits = 50_000
+    sim_exits = best(out_exits, sim, exits)
+    print("(b) OUT exits/s through KVM_RUN from Python")
+    print(f"    kvmlab                    {sim_exits / 1e3:8.1f} k/s")
+    if reason is None:
+        host_exits = best(out_exits, host, exits)
+        print(f"    host /dev/kvm             {host_exits / 1e3:8.1f} k/s   ratio "
+              f"{sim_exits / host_exits:.2f}   (target >= 1.0)")  # fmt: skip
+    else:
+        print(f"    host /dev/kvm: skipped ({reason})")

@@ -1,0 +1,14 @@
+"""Every registered scenario, by name: importing this module imports all scenario modules."""
+
+from __future__ import annotations
+
+from . import (  # noqa: F401 (imported for their @scenario registrations)
+    scenarios_exits,
+    scenarios_guests,
+    scenarios_ioctl,
+    scenarios_memslot,
+    scenarios_vcpu_state,
+)
+from .registry import SCENARIOS, Scenario
+
+__all__ = ["SCENARIOS", "Scenario"]

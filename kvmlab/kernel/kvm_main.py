@@ -45,7 +45,6 @@ from kvmlab.uapi import (
     kvm_mp_state,
     kvm_userspace_memory_region,
 )
-from kvmlab.uapi.ioctl import _IOC_TYPE
 
 KVM_MINOR = 232
 _NO_MAPPING = mmap.mmap(-1, mmap.PAGESIZE)  # stands in until a vCPU's own pages are mapped
@@ -351,16 +350,18 @@ def kvm_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     kvm = vcpu.kvm
     if kvm.mm != os.getpid() or kvm.vm_dead:
         fail(errno.EIO)
-    if _IOC_TYPE(cmd) != KVMIO:
+    if (cmd >> 8) & 0xFF != KVMIO:  # _IOC_TYPE(cmd)
         fail(errno.EINVAL)
     with vcpu.mutex:
         if cmd == KVM_RUN:
             if arg:
                 fail(errno.EINVAL)
             vcpu.pid = threading.get_ident()
-            signals.start_signal_watcher()
-            with signals.in_kvm_run(vcpu):
+            signals.enter_kvm_run(vcpu)
+            try:
                 return kvm.arch_ops.kvm_arch_vcpu_ioctl_run(vcpu)
+            finally:
+                signals.leave_kvm_run(vcpu)
         if cmd == KVM_GET_MP_STATE:
             state = kvm_mp_state(kvm.arch_ops.kvm_arch_vcpu_ioctl_get_mpstate(vcpu))
             copy_to_user(arg, state)

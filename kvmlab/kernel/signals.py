@@ -16,7 +16,6 @@ import os
 import select
 import signal
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 _running: dict[int, Any] = {}  # vcpu id() -> vcpu, while inside KVM_RUN
@@ -54,17 +53,18 @@ def start_signal_watcher() -> None:
     _watcher_started = True
 
 
-@contextlib.contextmanager
-def in_kvm_run(vcpu: Any) -> Iterator[None]:
-    """Mark `vcpu` as running for the duration of one KVM_RUN, so signals can reach it."""
+def enter_kvm_run(vcpu: Any) -> None:
+    """Mark `vcpu` as inside KVM_RUN, so that signals reach it (the watcher kicks it)."""
+    if not _watcher_started:
+        start_signal_watcher()
     with _lock:
         _running[id(vcpu)] = vcpu
-    try:
-        yield
-    finally:
-        with _lock:
-            _running.pop(id(vcpu), None)
-            _pending.discard(id(vcpu))
+
+
+def leave_kvm_run(vcpu: Any) -> None:
+    with _lock:
+        del _running[id(vcpu)]
+        _pending.discard(id(vcpu))
 
 
 def signal_pending(vcpu: Any) -> bool:

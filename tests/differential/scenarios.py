@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import (  # noqa: F401 (imported for their @scenario registrations)
+    scenarios_code,
     scenarios_exits,
     scenarios_guests,
     scenarios_ioctl,

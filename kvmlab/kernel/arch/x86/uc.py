@@ -64,6 +64,9 @@ _PREFIXES = frozenset(
 _emu_start = uclib.uc_emu_start
 _emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
 _emu_start.argtypes += [ctypes.c_size_t]
+_emu_stop = uclib.uc_emu_stop
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
 
 
 @dataclass(slots=True)
@@ -111,7 +114,8 @@ class UcVcpu:
         self.unbacked: list[tuple[int, int]] = []  # guest ranges whose host memory is missing
         self.generation = -1
         self.code_pages: dict[int, tuple[int, bytes]] = {}  # gpa page -> (hva, bytes translated)
-        self._in_hook = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RAX])
+        self._out_hook = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI])
+        self._in_hook = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RAX])
         self._after = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RFLAGS])
         self._rsi_in_hook = 0
         # The hooks hold this object; close() drops them so the engine is freed at once.
@@ -186,27 +190,26 @@ class UcVcpu:
         running code it translated earlier; KVM on hardware has no such cache to go stale.
         """
         for page, (hva, seen) in self.code_pages.items():
-            now = ctypes.string_at(hva, PAGE_SIZE)
-            if now != seen:
+            if _memcmp(hva, seen, PAGE_SIZE):
                 self.uc.ctl_remove_cache(page, page + PAGE_SIZE)
-                self.code_pages[page] = (hva, now)
+                self.code_pages[page] = (hva, ctypes.string_at(hva, PAGE_SIZE))
 
     # --- hooks (called by Unicorn in the middle of emu_start) ---------------------------------
 
     def _stop(self, reason: int) -> None:
         self.exit_reason = reason
         self._exit_pending = True
-        self.uc.emu_stop()
+        _emu_stop(self._h)
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
-        rip, rsi, _ = self._in_hook.read()
+        rip, rsi = self._out_hook.read()
         io = self.io
         io.port, io.size, io.is_in, io.value, io.insn_rip = port, size, False, value, rip
         self._rsi_in_hook = rsi
         self._stop(EXIT_REASON_IO_INSTRUCTION)
 
     def _on_in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
-        rip, _, rax = self._in_hook.read()
+        rip, rax = self._in_hook.read()
         io = self.io
         io.port, io.size, io.is_in, io.value, io.insn_rip, io.rax = port, size, True, 0, rip, rax
         self._stop(EXIT_REASON_IO_INSTRUCTION)
@@ -236,7 +239,7 @@ class UcVcpu:
         with self._lock:
             self.kick_requested = True
             if self.running:
-                self.uc.emu_stop()
+                _emu_stop(self._h)
 
     def vcpu_run(self, rip: int) -> int:
         """Run the guest from `rip` until something needs the hypervisor; return the reason."""

@@ -26,6 +26,11 @@ from unicorn import (
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_READ,
+    UC_HOOK_MEM_UNMAPPED,
+    UC_HOOK_MEM_WRITE,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_READ,
     UC_MODE_64,
     UC_PROT_EXEC,
     UC_PROT_READ,
@@ -53,7 +58,9 @@ EXIT_REASON_EXCEPTION_NMI = 0
 EXIT_REASON_EXTERNAL_INTERRUPT = 1
 EXIT_REASON_HLT = 12
 EXIT_REASON_IO_INSTRUCTION = 30
-EXIT_REASON_EPT_VIOLATION = 48
+EXIT_REASON_MONITOR_TRAP_FLAG = 37  # a counted run of one instruction retired it
+EXIT_REASON_EPT_VIOLATION = 48  # no memory behind a fetch: KVM's emulator gives up
+EXIT_REASON_EPT_MISCONFIG = 49  # an access to a GPA with no slot: MMIO, as KVM marks it
 
 RUN_FOREVER = 1 << 62  # the count that keeps Unicorn's per-instruction exit check armed
 PAGE_MASK = ~(PAGE_SIZE - 1) & (2**64 - 1)
@@ -82,6 +89,16 @@ class IoExit:
     insn_rip: int = 0  # the IO instruction
     next_rip: int = 0  # the instruction after it (for INS: not yet known)
     rax: int = 0  # IN: rax before the instruction
+
+
+@dataclass(slots=True)
+class MmioAccess:
+    """One guest access to MMIO: what KVM_EXIT_MMIO reports."""
+
+    gpa: int
+    size: int
+    is_write: bool
+    data: bytes  # write: the bytes stored; read: the bytes to load (after userspace filled them)
 
 
 @dataclass(slots=True, frozen=True)
@@ -118,6 +135,15 @@ class UcVcpu:
         self._in_hook = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RAX])
         self._after = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RFLAGS])
         self._rsi_in_hook = 0
+        self.mmio = MmioAccess(0, 0, False, b"")
+        self.mmio_pages: dict[int, int] = {}  # guest page with no slot -> its hook handle
+        # Replay of the current instruction's MMIO accesses (see mmio_complete_read).
+        self.replaying = False
+        self._reads: list[MmioAccess] = []
+        self._writes: list[MmioAccess] = []
+        self._read_idx = 0
+        self._write_idx = 0
+        self._window = MmioAccess(0, 0, False, b"")
         # The hooks hold this object; close() drops them so the engine is freed at once.
         self._hooks = [
             uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT),
@@ -125,10 +151,12 @@ class UcVcpu:
             uc.hook_add(UC_HOOK_INTR, self._on_interrupt),
             uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid),
             uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_edge),
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped),
         ]
 
     def close(self) -> None:
         """Drop the hooks (they reference this object) so the engine is freed with the vCPU."""
+        self._unmap_mmio_pages()
         for handle in self._hooks:
             self.uc.hook_del(handle)
         self._hooks.clear()
@@ -150,6 +178,7 @@ class UcVcpu:
             if access == "rw" and not slot.readonly:
                 perms |= UC_PROT_WRITE
             wanted[slot.id] = MappedSlot(slot.gpa, slot.size, slot.userspace_addr, perms)
+        self._unmap_mmio_pages()
         for id_, old in list(self.mapped.items()):
             if wanted.get(id_) != old:
                 self.uc.mem_unmap(old.gpa, old.size)
@@ -162,6 +191,12 @@ class UcVcpu:
         self.generation = slots.generation
         self.code_pages.clear()
         self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+
+    def _unmap_mmio_pages(self) -> None:
+        for page, handle in self.mmio_pages.items():
+            self.uc.hook_del(handle)
+            self.uc.mem_unmap(page, PAGE_SIZE)
+        self.mmio_pages.clear()
 
     def gpa_to_hva(self, gpa: int) -> int | None:
         for m in self.mapped.values():
@@ -224,6 +259,71 @@ class UcVcpu:
         self._stop(EXIT_REASON_EXCEPTION_NMI)
         return True
 
+    def _on_unmapped(
+        self, uc: Uc, access: int, addr: int, size: int, value: int, _ud: object
+    ) -> bool:
+        """A load or store where no slot is: make the page an MMIO page and retry the access.
+
+        The page is served by `_mmio_read`, and a hook bounded to it sees each whole access
+        (Unicorn splits the callbacks into 4-byte pieces; the hook gets the full size and value).
+        """
+        if access == UC_MEM_FETCH_UNMAPPED:
+            return False  # nothing to execute there: reported as an EPT violation
+        for page in {addr & PAGE_MASK, (addr + size - 1) & PAGE_MASK}:
+            if page in self.mmio_pages or self.gpa_to_hva(page) is not None:
+                continue
+            uc.mmio_map(page, PAGE_SIZE, self._mmio_read, page, self._mmio_write, page)
+            self.mmio_pages[page] = uc.hook_add(
+                UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
+                self._on_mmio,
+                None,
+                page,
+                page + PAGE_SIZE - 1,
+            )
+        return True
+
+    def _on_mmio(self, uc: Uc, access: int, addr: int, size: int, value: int, _ud: object) -> None:
+        """Every access to an MMIO page: replayed from this instruction's log, or a new exit."""
+        if access == UC_MEM_READ:
+            reads = self._reads
+            if self._read_idx < len(reads):
+                done = reads[self._read_idx]
+                if (done.gpa, done.size) == (addr, size):
+                    self._read_idx += 1
+                    self._window = done
+                    return
+            self._window = MmioAccess(addr, size, False, bytes(size))
+            if not self._exit_pending:
+                self.mmio = self._window
+                self._stop(EXIT_REASON_EPT_MISCONFIG)
+            return
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        writes = self._writes
+        if self._write_idx < len(writes):
+            done = writes[self._write_idx]
+            if (done.gpa, done.size, done.data) == (addr, size, data):
+                self._write_idx += 1
+                return
+        if not self._exit_pending:
+            self.mmio = MmioAccess(addr, size, True, data)
+            self._stop(EXIT_REASON_EPT_MISCONFIG)
+
+    def _mmio_read(self, uc: Uc, offset: int, size: int, page: int) -> int:
+        """Serve a piece of the current MMIO read from the bytes userspace supplied."""
+        w = self._window
+        start = page + offset - w.gpa
+        piece = w.data[max(start, 0) : max(start + size, 0)]
+        return int.from_bytes(piece, "little")
+
+    def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, page: int) -> None:
+        """Stores are taken whole by _on_mmio; the pieces are dropped."""
+
+    def mmio_complete_read(self, data: bytes) -> None:
+        """KVM's complete_emulated_mmio for a read: the instruction re-runs with this data."""
+        m = self.mmio
+        self._reads.append(MmioAccess(m.gpa, m.size, False, data[: m.size]))
+        self.replaying = True
+
     def _on_edge(self, uc: Uc, cur: object, prev: object, _ud: object) -> None:
         """A new jump between translated blocks: their pages hold translated code."""
         for tb in (cur, prev):
@@ -243,16 +343,50 @@ class UcVcpu:
 
     def vcpu_run(self, rip: int) -> int:
         """Run the guest from `rip` until something needs the hypervisor; return the reason."""
+        while True:
+            reason = self._enter(rip, 1 if self.replaying else RUN_FOREVER)
+            if reason == EXIT_REASON_EPT_MISCONFIG:
+                if not self.mmio.is_write:
+                    return reason  # a read: rip stays on the instruction until the data comes
+                # A store: note it, then re-run the instruction with that store swallowed so
+                # that it retires (rip past it), as KVM's emulator writes back before exiting.
+                self._writes.append(self.mmio)
+                first = self.mmio
+                again = self._enter(rip, 1)
+                self.mmio = first
+                if again == EXIT_REASON_EPT_MISCONFIG:
+                    self.rip = rip  # more MMIO in the same instruction: report this one first
+                    self.replaying = True
+                    return EXIT_REASON_EPT_MISCONFIG
+                self._end_replay()
+                if again == EXIT_REASON_MONITOR_TRAP_FLAG:  # the instruction retired
+                    return EXIT_REASON_EPT_MISCONFIG
+                return again
+            if self.replaying:
+                self._end_replay()
+                if reason == EXIT_REASON_MONITOR_TRAP_FLAG:
+                    rip = self.rip  # the replayed instruction retired; carry on
+                    continue
+            return reason
+
+    def _end_replay(self) -> None:
+        self.replaying = False
+        self._reads.clear()
+        self._writes.clear()
+
+    def _enter(self, rip: int, count: int) -> int:
+        """One emu_start: from `rip`, for at most `count` instructions."""
         with self._lock:
             if self.kick_requested:
                 self.kick_requested = False
-                self.exit_reason = EXIT_REASON_EXTERNAL_INTERRUPT
-                return self.exit_reason
+                self.rip = rip
+                return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT)
             self.running = True
         self._exit_pending = False
+        self._read_idx = self._write_idx = 0
         uc = self.uc
         try:
-            err = _emu_start(self._h, rip, 0, 0, RUN_FOREVER)
+            err = _emu_start(self._h, rip, 0, 0, count)
         finally:
             with self._lock:
                 self.running = False
@@ -269,8 +403,12 @@ class UcVcpu:
             if self.exit_reason == EXIT_REASON_IO_INSTRUCTION:
                 self._decode_io(rsi)
             return self.exit_reason
-        # emu_start returned by itself: the guest executed HLT, unless a kick stopped it.
-        return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT if kicked else EXIT_REASON_HLT)
+        # emu_start returned by itself: a kick, the end of a counted run, or HLT.
+        if kicked:
+            return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT)
+        if count == 1:
+            return self._set_reason(EXIT_REASON_MONITOR_TRAP_FLAG)
+        return self._set_reason(EXIT_REASON_HLT)
 
     def _set_reason(self, reason: int) -> int:
         self.exit_reason = reason

@@ -7,6 +7,7 @@ https://elixir.bootlin.com/linux/v6.12/source/arch/x86/kvm/x86.c
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from kvmlab.uapi import (
     KVM_EXIT_IO,
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
+    KVM_EXIT_MMIO,
     KVM_EXIT_UNKNOWN,
     KVM_GET_REGS,
     KVM_GET_SREGS,
@@ -396,6 +398,8 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
         return kvm_emulate_halt(vcpu)
     if exit_reason == vendor.EXIT_REASON_EXTERNAL_INTERRUPT:
         return 1  # a kick: back to vcpu_run, which looks for signals and requests
+    if exit_reason == vendor.EXIT_REASON_EPT_MISCONFIG:
+        return handle_ept_misconfig(vcpu)
     if exit_reason == vendor.EXIT_REASON_EPT_VIOLATION:
         return handle_emulation_failure(vcpu)
     return handle_exception_nmi(vcpu)
@@ -472,6 +476,32 @@ def complete_fast_pio_in(vcpu: KvmVcpu) -> None:
         data |= rax & ~mask
     arch.rax_dirty = data
     kvm_rip_write(vcpu, arch.pio_next_rip)
+
+
+def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
+    """An access where no memory slot is: KVM_EXIT_MMIO.
+
+    A read exits before the instruction completes (rip on it) and finishes on the next
+    KVM_RUN with run->mmio.data; a write exits after it (rip past it) with the data stored.
+    """
+    arch = _vcpu_arch(vcpu)
+    m = arch.hw.mmio
+    run: Any = vcpu.run
+    run.exit_reason = KVM_EXIT_MMIO
+    run.mmio.phys_addr = m.gpa
+    run.mmio.len = m.size
+    run.mmio.is_write = m.is_write
+    if m.is_write:  # only len bytes are written; a read leaves data as it was
+        ctypes.memmove(ctypes.addressof(run.mmio.data), m.data, m.size)
+    else:
+        arch.complete_userspace_io = complete_emulated_mmio
+    return 0
+
+
+def complete_emulated_mmio(vcpu: KvmVcpu) -> None:
+    """Hand userspace's bytes to the read that is waiting for them."""
+    run: Any = vcpu.run
+    _vcpu_arch(vcpu).hw.mmio_complete_read(bytes(run.mmio.data))
 
 
 def kvm_emulate_halt(vcpu: KvmVcpu) -> int:

@@ -341,10 +341,13 @@ class UcVcpu:
             if self.running:
                 _emu_stop(self._h)
 
-    def vcpu_run(self, rip: int) -> int:
-        """Run the guest from `rip` until something needs the hypervisor; return the reason."""
+    def vcpu_run(self, rip: int, step: bool = False) -> int:
+        """Run the guest from `rip` until something needs the hypervisor; return the reason.
+
+        With `step`, at most one instruction runs (MONITOR_TRAP_FLAG when it retired).
+        """
         while True:
-            reason = self._enter(rip, 1 if self.replaying else RUN_FOREVER)
+            reason = self._enter(rip, 1 if self.replaying or step else RUN_FOREVER)
             if reason == EXIT_REASON_EPT_MISCONFIG:
                 if not self.mmio.is_write:
                     return reason  # a read: rip stays on the instruction until the data comes
@@ -364,10 +367,16 @@ class UcVcpu:
                 return again
             if self.replaying:
                 self._end_replay()
-                if reason == EXIT_REASON_MONITOR_TRAP_FLAG:
+                if reason == EXIT_REASON_MONITOR_TRAP_FLAG and not step:
                     rip = self.rip  # the replayed instruction retired; carry on
                     continue
+            if reason == EXIT_REASON_MONITOR_TRAP_FLAG and self._stepped_halt(rip):
+                return self._set_reason(EXIT_REASON_HLT)
             return reason
+
+    def _stepped_halt(self, rip: int) -> bool:
+        """Was the instruction a single step just ran a HLT? (KVM reports HLT, not DEBUG.)"""
+        return self.cpu.read_code(rip, 1) == b"\xf4"
 
     def _end_replay(self) -> None:
         self.replaying = False

@@ -30,6 +30,7 @@ from kvmlab.uapi import (
     KVM_CAP_NR_VCPUS,
     KVM_CAP_SET_TSS_ADDR,
     KVM_CAP_SYNC_MMU,
+    KVM_EXIT_DEBUG,
     KVM_EXIT_EXCEPTION,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
@@ -41,9 +42,12 @@ from kvmlab.uapi import (
     KVM_EXIT_UNKNOWN,
     KVM_GET_REGS,
     KVM_GET_SREGS,
+    KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MP_STATE_RUNNABLE,
     KVM_PIO_PAGE_OFFSET,
+    KVM_SET_GUEST_DEBUG,
     KVM_SET_REGS,
     KVM_SET_SREGS,
     KVM_SET_TSS_ADDR,
@@ -64,6 +68,7 @@ from kvmlab.uapi import (
     X86_EFER_LME,
     X86_RFLAGS_FIXED,
     X86_RFLAGS_IF,
+    kvm_guest_debug,
     kvm_regs,
     kvm_run,
     kvm_sregs,
@@ -79,6 +84,10 @@ CR8_RESERVED_BITS = ~0xF & (2**64 - 1)
 CR4_VALID_WITHOUT_CPUID = 0x7FF
 DEFAULT_MAXPHYADDR = 36  # cpuid_maxphyaddr() when the guest has no CPUID leaf 0x80000008
 X2APIC_ENABLE = 1 << 10
+DB_VECTOR = 1
+DR6_ACTIVE_LOW = 0xFFFF0FF0
+DR6_BS = 1 << 14
+DR7_FIXED_1 = 0x400
 
 
 @dataclass
@@ -99,7 +108,8 @@ class KvmVcpuArch:
     rflags: int = X86_RFLAGS_FIXED
     rax_dirty: int | None = None  # an rax the CPU does not hold yet
     # the pending userspace-IO completion, as vcpu->arch.complete_userspace_io
-    complete_userspace_io: Callable[[KvmVcpu], None] | None = None
+    complete_userspace_io: Callable[[KvmVcpu], int] | None = None
+    guest_debug: int = 0  # KVM_SET_GUEST_DEBUG control, 0 unless KVM_GUESTDBG_ENABLE
     cui_linear_rip: int = 0
     pio_size: int = 0
     pio_next_rip: int = 0
@@ -238,7 +248,19 @@ def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     if cmd == KVM_SET_SREGS:
         kvm_arch_vcpu_ioctl_set_sregs(vcpu, copy_struct_from_user(kvm_sregs, arg))
         return 0
+    if cmd == KVM_SET_GUEST_DEBUG:
+        kvm_arch_vcpu_ioctl_set_guest_debug(vcpu, copy_struct_from_user(kvm_guest_debug, arg))
+        return 0
     fail(errno.EINVAL)
+
+
+def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> None:
+    """Debug control from a debugger: single-step is what kvmlab implements so far.
+
+    x86 ignores control bits it does not know; without KVM_GUESTDBG_ENABLE it is all off.
+    """
+    control = dbg.control
+    _vcpu_arch(vcpu).guest_debug = control if control & KVM_GUESTDBG_ENABLE else 0
 
 
 def kvm_arch_vcpu_ioctl_get_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
@@ -347,7 +369,8 @@ def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
         cui = arch.complete_userspace_io
         if cui is not None:
             arch.complete_userspace_io = None
-            cui(vcpu)
+            if cui(vcpu) <= 0:
+                return 0
         if run.immediate_exit:
             fail(errno.EINTR)
         vcpu_run(vcpu)
@@ -385,7 +408,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         kvm_register_flush(vcpu)
         hw.remember_code_at(hw.cpu.code_linear(arch.rip))
         arch.new_entry = False
-    exit_reason = hw.vcpu_run(arch.rip)
+    exit_reason = hw.vcpu_run(arch.rip, step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP))
     arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
     return handle_exit(vcpu, exit_reason)
 
@@ -396,6 +419,8 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
         return handle_io(vcpu)
     if exit_reason == vendor.EXIT_REASON_HLT:
         return kvm_emulate_halt(vcpu)
+    if exit_reason == vendor.EXIT_REASON_MONITOR_TRAP_FLAG:
+        return kvm_vcpu_do_singlestep(vcpu)  # one instruction retired under single-step
     if exit_reason == vendor.EXIT_REASON_EXTERNAL_INTERRUPT:
         return 1  # a kick: back to vcpu_run, which looks for signals and requests
     if exit_reason == vendor.EXIT_REASON_EPT_MISCONFIG:
@@ -454,18 +479,40 @@ def handle_string_io(vcpu: KvmVcpu) -> int:
     return 0
 
 
-def complete_fast_pio_out(vcpu: KvmVcpu) -> None:
+def complete_fast_pio_out(vcpu: KvmVcpu) -> int:
     """Retire the OUT: skip it, unless userspace moved rip meanwhile."""
     arch = _vcpu_arch(vcpu)
-    if arch.rip == arch.cui_linear_rip:
-        kvm_rip_write(vcpu, arch.pio_next_rip)
+    if arch.rip != arch.cui_linear_rip:
+        return 1
+    return kvm_skip_emulated_instruction(vcpu, arch.pio_next_rip)
 
 
-def complete_fast_pio_in(vcpu: KvmVcpu) -> None:
+def kvm_skip_emulated_instruction(vcpu: KvmVcpu, next_rip: int) -> int:
+    """Move past an instruction KVM finished; when single-stepping, that step ends here."""
+    kvm_rip_write(vcpu, next_rip)
+    if _vcpu_arch(vcpu).guest_debug & KVM_GUESTDBG_SINGLESTEP:
+        return kvm_vcpu_do_singlestep(vcpu)
+    return 1
+
+
+def kvm_vcpu_do_singlestep(vcpu: KvmVcpu) -> int:
+    """KVM_EXIT_DEBUG for a completed single step: #DB with DR6.BS, pc = the next rip."""
+    arch = _vcpu_arch(vcpu)
+    run: Any = vcpu.run
+    kvm_register_flush(vcpu)
+    run.exit_reason = KVM_EXIT_DEBUG
+    run.debug.arch.exception = DB_VECTOR
+    run.debug.arch.pc = arch.hw.cpu.code_linear(arch.rip)
+    run.debug.arch.dr6 = DR6_ACTIVE_LOW | DR6_BS
+    run.debug.arch.dr7 = DR7_FIXED_1
+    return 0
+
+
+def complete_fast_pio_in(vcpu: KvmVcpu) -> int:
     """Retire the IN with userspace's data: merge below 4 bytes, zero-extend at 4, skip it."""
     arch = _vcpu_arch(vcpu)
     if arch.rip != arch.cui_linear_rip:
-        return
+        return 1
     size = arch.pio_size
     data = int.from_bytes(vcpu.run_map[PAGE_SIZE : PAGE_SIZE + size], "little")
     if size < 4:
@@ -475,7 +522,7 @@ def complete_fast_pio_in(vcpu: KvmVcpu) -> None:
         mask = (1 << (8 * size)) - 1
         data |= rax & ~mask
     arch.rax_dirty = data
-    kvm_rip_write(vcpu, arch.pio_next_rip)
+    return kvm_skip_emulated_instruction(vcpu, arch.pio_next_rip)
 
 
 def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
@@ -498,10 +545,11 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     return 0
 
 
-def complete_emulated_mmio(vcpu: KvmVcpu) -> None:
+def complete_emulated_mmio(vcpu: KvmVcpu) -> int:
     """Hand userspace's bytes to the read that is waiting for them."""
     run: Any = vcpu.run
     _vcpu_arch(vcpu).hw.mmio_complete_read(bytes(run.mmio.data))
+    return 1
 
 
 def kvm_emulate_halt(vcpu: KvmVcpu) -> int:

@@ -30,6 +30,7 @@ from unicorn import (
     UC_PROT_ALL,
     UC_PROT_EXEC,
     UC_PROT_READ,
+    UC_PROT_WRITE,
     Uc,
     UcError,
     __version__,
@@ -158,6 +159,9 @@ _vmem_translate = ctypes.CFUNCTYPE(
 _vmem_read = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
 )(("uc_vmem_read", uclib))
+_vmem_write = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
+)(("uc_vmem_write", uclib))
 
 PAGE_SIZE: Final = 0x1000
 
@@ -546,6 +550,11 @@ class X86CpuState:
         self._save()
         return int(_U32.unpack_from(self._ctx, self.layout.error_code)[0])
 
+    def exception_is_int(self) -> bool:
+        """Was the last exception raised by an INT n / INT3 / INTO instruction (no error code)?"""
+        self._save()
+        return bool(_U32.unpack_from(self._ctx, self.layout.error_code + 4)[0])
+
     # --- guest-virtual memory (Unicorn's MMU, not wrapped by the binding) ---------------------
 
     def translate(self, linear: int, prot: int = UC_PROT_READ) -> int | None:
@@ -568,6 +577,14 @@ class X86CpuState:
             return buf.raw
         self._restore()
         return None
+
+    def write_virtual(self, linear: int, data: bytes) -> bool:
+        """Store `data` at a linear address through the guest's page tables; False on a fault."""
+        self._save()
+        if _vmem_write(self._h, linear, UC_PROT_WRITE, data, len(data)) == UC_ERR_OK:
+            return True
+        self._restore()
+        return False
 
     def code_linear(self, ip: int) -> int:
         """The linear address of CS:ip (CS.base is ignored in 64-bit mode)."""

@@ -50,15 +50,26 @@ from unicorn.x86_const import (
 )
 
 from kvmlab.kernel.arch.x86.cpu_state import RegBatch, X86CpuState
+from kvmlab.kernel.arch.x86.uc_events import (
+    WITH_ERROR_CODE,
+    Event,
+    UnsupportedDeliveryError,
+    deliver,
+)
 from kvmlab.kernel.memslots import PAGE_SIZE, KvmMemslots
 from kvmlab.kernel.uaccess import user_range_access
 
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h), reused as the engine's exit codes.
 EXIT_REASON_EXCEPTION_NMI = 0
 EXIT_REASON_EXTERNAL_INTERRUPT = 1
+EXIT_REASON_TRIPLE_FAULT = 2
+EXIT_REASON_INTERRUPT_WINDOW = 7
 EXIT_REASON_HLT = 12
 EXIT_REASON_IO_INSTRUCTION = 30
 EXIT_REASON_MONITOR_TRAP_FLAG = 37  # a counted run of one instruction retired it
+EXIT_REASON_DELIVERY_UNSUPPORTED = -1  # kvmlab's CPU cannot deliver this event (see uc_events)
+BP_VECTOR = 3
+X86_RFLAGS_IF = 1 << 9
 EXIT_REASON_EPT_VIOLATION = 48  # no memory behind a fetch: KVM's emulator gives up
 EXIT_REASON_EPT_MISCONFIG = 49  # an access to a GPA with no slot: MMIO, as KVM marks it
 
@@ -144,6 +155,9 @@ class UcVcpu:
         self._read_idx = 0
         self._write_idx = 0
         self._window = MmioAccess(0, 0, False, b"")
+        self.intercept_bp = False  # KVM_GUESTDBG_USE_SW_BP: #BP exits instead of being delivered
+        self._invalid_opcode = False
+        self.unsupported = ""
         # The hooks hold this object; close() drops them so the engine is freed at once.
         self._hooks = [
             uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT),
@@ -251,11 +265,11 @@ class UcVcpu:
         return 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
-        self.exception_vector = intno
+        self.exception_vector, self._invalid_opcode = intno, False
         self._stop(EXIT_REASON_EXCEPTION_NMI)
 
     def _on_invalid(self, uc: Uc, _ud: object) -> bool:
-        self.exception_vector = 6  # #UD
+        self.exception_vector, self._invalid_opcode = 6, True  # #UD
         self._stop(EXIT_REASON_EXCEPTION_NMI)
         return True
 
@@ -341,13 +355,49 @@ class UcVcpu:
             if self.running:
                 _emu_stop(self._h)
 
-    def vcpu_run(self, rip: int, step: bool = False) -> int:
+    def inject(self, event: Event) -> int | None:
+        """Deliver an event before the next instruction (VMX entry injection).
+
+        Returns None when delivered, else the exit reason it ended in (a triple fault).
+        """
+        try:
+            if deliver(self.cpu, event):
+                return None
+        except UnsupportedDeliveryError as e:
+            self.unsupported = str(e)
+            return EXIT_REASON_DELIVERY_UNSUPPORTED
+        return EXIT_REASON_TRIPLE_FAULT
+
+    def interrupts_allowed(self) -> bool:
+        """IF set and no STI / MOV SS shadow: an external interrupt could be taken now."""
+        return bool(self.cpu.read_reg(UC_X86_REG_RFLAGS) & X86_RFLAGS_IF) and not (
+            self.cpu.interrupt_shadow()
+        )
+
+    def vcpu_run(self, rip: int, step: bool = False, irq_window: bool = False) -> int:
         """Run the guest from `rip` until something needs the hypervisor; return the reason.
 
-        With `step`, at most one instruction runs (MONITOR_TRAP_FLAG when it retired).
+        With `step`, at most one instruction runs (MONITOR_TRAP_FLAG when it retired). With
+        `irq_window`, the guest leaves as soon as it can take an interrupt (INTERRUPT_WINDOW),
+        which kvmlab finds by stepping while interrupts are masked.
         """
         while True:
-            reason = self._enter(rip, 1 if self.replaying or step else RUN_FOREVER)
+            if irq_window and not self.replaying:
+                self.cpu.set_rip(rip)
+                if self.interrupts_allowed():
+                    self.rip = rip
+                    return self._set_reason(EXIT_REASON_INTERRUPT_WINDOW)
+            counted = self.replaying or step or irq_window
+            reason = self._enter(rip, 1 if counted else RUN_FOREVER)
+            if reason == EXIT_REASON_EXCEPTION_NMI:
+                exit_reason = self._guest_exception()
+                if exit_reason is not None:
+                    return exit_reason
+                rip = self.rip = self.cpu.rip
+                continue
+            if reason == EXIT_REASON_MONITOR_TRAP_FLAG and irq_window and not step:
+                rip = self.rip  # one more masked instruction retired: look at IF again
+                continue
             if reason == EXIT_REASON_EPT_MISCONFIG:
                 if not self.mmio.is_write:
                     return reason  # a read: rip stays on the instruction until the data comes
@@ -373,6 +423,19 @@ class UcVcpu:
             if reason == EXIT_REASON_MONITOR_TRAP_FLAG and self._stepped_halt(rip):
                 return self._set_reason(EXIT_REASON_HLT)
             return reason
+
+    def _guest_exception(self) -> int | None:
+        """The guest raised an exception: deliver it as the CPU would, unless KVM wants it."""
+        vector = self.exception_vector
+        software = not self._invalid_opcode and self.cpu.exception_is_int()
+        if vector == BP_VECTOR and software and self.intercept_bp:
+            self.rip = (self.rip - 1) & 0xFFFF_FFFF_FFFF_FFFF  # VMX exits on the int3 itself
+            self.cpu.set_rip(self.rip)
+            return EXIT_REASON_EXCEPTION_NMI
+        code = None
+        if vector in WITH_ERROR_CODE and not software:
+            code = self.cpu.exception_error_code()
+        return self.inject(Event(vector, code, software))
 
     def _stepped_halt(self, rip: int) -> bool:
         """Was the instruction a single step just ran a HLT? (KVM reports HLT, not DEBUG.)"""

@@ -18,6 +18,7 @@ from unicorn.x86_const import UC_X86_REG_RAX
 
 from kvmlab.kernel.arch.x86 import uc as vendor
 from kvmlab.kernel.arch.x86.uc import UcVcpu
+from kvmlab.kernel.arch.x86.uc_events import Event
 from kvmlab.kernel.kvm_main import Kvm, KvmVcpu
 from kvmlab.kernel.signals import signal_pending
 from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
@@ -31,21 +32,27 @@ from kvmlab.uapi import (
     KVM_CAP_SET_TSS_ADDR,
     KVM_CAP_SYNC_MMU,
     KVM_EXIT_DEBUG,
-    KVM_EXIT_EXCEPTION,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
     KVM_EXIT_INTR,
     KVM_EXIT_IO,
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
+    KVM_EXIT_IRQ_WINDOW_OPEN,
     KVM_EXIT_MMIO,
+    KVM_EXIT_SHUTDOWN,
     KVM_EXIT_UNKNOWN,
     KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_SW_BP,
+    KVM_INTERNAL_ERROR_DELIVERY_EV,
     KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERRUPT,
     KVM_MP_STATE_RUNNABLE,
+    KVM_NMI,
+    KVM_NR_INTERRUPTS,
     KVM_PIO_PAGE_OFFSET,
     KVM_SET_GUEST_DEBUG,
     KVM_SET_REGS,
@@ -69,6 +76,7 @@ from kvmlab.uapi import (
     X86_RFLAGS_FIXED,
     X86_RFLAGS_IF,
     kvm_guest_debug,
+    kvm_interrupt,
     kvm_regs,
     kvm_run,
     kvm_sregs,
@@ -85,6 +93,7 @@ CR4_VALID_WITHOUT_CPUID = 0x7FF
 DEFAULT_MAXPHYADDR = 36  # cpuid_maxphyaddr() when the guest has no CPUID leaf 0x80000008
 X2APIC_ENABLE = 1 << 10
 DB_VECTOR = 1
+NMI_VECTOR = 2
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR6_BS = 1 << 14
 DR7_FIXED_1 = 0x400
@@ -110,6 +119,8 @@ class KvmVcpuArch:
     # the pending userspace-IO completion, as vcpu->arch.complete_userspace_io
     complete_userspace_io: Callable[[KvmVcpu], int] | None = None
     guest_debug: int = 0  # KVM_SET_GUEST_DEBUG control, 0 unless KVM_GUESTDBG_ENABLE
+    interrupt: int | None = None  # vcpu->arch.interrupt: a KVM_INTERRUPT vector to inject
+    nmi_pending: bool = False
     cui_linear_rip: int = 0
     pio_size: int = 0
     pio_next_rip: int = 0
@@ -248,10 +259,23 @@ def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     if cmd == KVM_SET_SREGS:
         kvm_arch_vcpu_ioctl_set_sregs(vcpu, copy_struct_from_user(kvm_sregs, arg))
         return 0
+    if cmd == KVM_INTERRUPT:
+        kvm_vcpu_ioctl_interrupt(vcpu, copy_struct_from_user(kvm_interrupt, arg))
+        return 0
+    if cmd == KVM_NMI:
+        _vcpu_arch(vcpu).nmi_pending = True  # kvm_inject_nmi
+        return 0
     if cmd == KVM_SET_GUEST_DEBUG:
         kvm_arch_vcpu_ioctl_set_guest_debug(vcpu, copy_struct_from_user(kvm_guest_debug, arg))
         return 0
     fail(errno.EINVAL)
+
+
+def kvm_vcpu_ioctl_interrupt(vcpu: KvmVcpu, irq: kvm_interrupt) -> None:
+    """Queue an external interrupt vector; without an in-kernel PIC a second one overwrites."""
+    if irq.irq >= KVM_NR_INTERRUPTS:
+        fail(errno.EINVAL)
+    _vcpu_arch(vcpu).interrupt = irq.irq
 
 
 def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> None:
@@ -259,8 +283,10 @@ def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> 
 
     x86 ignores control bits it does not know; without KVM_GUESTDBG_ENABLE it is all off.
     """
+    arch = _vcpu_arch(vcpu)
     control = dbg.control
-    _vcpu_arch(vcpu).guest_debug = control if control & KVM_GUESTDBG_ENABLE else 0
+    arch.guest_debug = control if control & KVM_GUESTDBG_ENABLE else 0
+    arch.hw.intercept_bp = bool(arch.guest_debug & KVM_GUESTDBG_USE_SW_BP)
 
 
 def kvm_arch_vcpu_ioctl_get_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
@@ -388,6 +414,9 @@ def vcpu_run(vcpu: KvmVcpu) -> None:
     while True:
         if vcpu_enter_guest(vcpu) <= 0:
             return
+        if run.request_interrupt_window and kvm_vcpu_ready_for_interrupt_injection(vcpu):
+            run.exit_reason = KVM_EXIT_IRQ_WINDOW_OPEN
+            return
         if signal_pending(vcpu):
             run.exit_reason = KVM_EXIT_INTR  # kvm_handle_signal_exit
             fail(errno.EINTR)
@@ -408,9 +437,33 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         kvm_register_flush(vcpu)
         hw.remember_code_at(hw.cpu.code_linear(arch.rip))
         arch.new_entry = False
-    exit_reason = hw.vcpu_run(arch.rip, step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP))
+    run: Any = vcpu.run
+    exit_reason = inject_pending_event(vcpu)
+    if exit_reason is None:
+        exit_reason = hw.vcpu_run(
+            arch.rip,
+            step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP),
+            irq_window=bool(run.request_interrupt_window) and arch.interrupt is None,
+        )
     arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
     return handle_exit(vcpu, exit_reason)
+
+
+def inject_pending_event(vcpu: KvmVcpu) -> int | None:
+    """Deliver a queued NMI or KVM_INTERRUPT vector as VM entry does (IF is not checked)."""
+    arch = _vcpu_arch(vcpu)
+    if not arch.nmi_pending and arch.interrupt is None:
+        return None
+    kvm_register_flush(vcpu)
+    if arch.nmi_pending:
+        arch.nmi_pending = False
+        event = Event(NMI_VECTOR)
+    else:
+        assert arch.interrupt is not None
+        event, arch.interrupt = Event(arch.interrupt), None
+    reason = arch.hw.inject(event)
+    arch.rip = arch.hw.cpu.rip
+    return reason
 
 
 def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
@@ -421,6 +474,13 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
         return kvm_emulate_halt(vcpu)
     if exit_reason == vendor.EXIT_REASON_MONITOR_TRAP_FLAG:
         return kvm_vcpu_do_singlestep(vcpu)  # one instruction retired under single-step
+    if exit_reason == vendor.EXIT_REASON_INTERRUPT_WINDOW:
+        return 1  # handle_interrupt_window: vcpu_run then reports IRQ_WINDOW_OPEN
+    if exit_reason == vendor.EXIT_REASON_TRIPLE_FAULT:
+        vcpu.run.exit_reason = KVM_EXIT_SHUTDOWN  # handle_triple_fault
+        return 0
+    if exit_reason == vendor.EXIT_REASON_DELIVERY_UNSUPPORTED:
+        return handle_unsupported_delivery(vcpu)
     if exit_reason == vendor.EXIT_REASON_EXTERNAL_INTERRUPT:
         return 1  # a kick: back to vcpu_run, which looks for signals and requests
     if exit_reason == vendor.EXIT_REASON_EPT_MISCONFIG:
@@ -568,12 +628,27 @@ def handle_emulation_failure(vcpu: KvmVcpu) -> int:
 
 
 def handle_exception_nmi(vcpu: KvmVcpu) -> int:
-    """A guest exception the simulator does not deliver yet: report it as KVM_EXIT_EXCEPTION."""
-    hw = _vcpu_arch(vcpu).hw
+    """An intercepted guest exception: #BP under KVM_GUESTDBG_USE_SW_BP is KVM_EXIT_DEBUG."""
+    arch = _vcpu_arch(vcpu)
     run: Any = vcpu.run
-    run.exit_reason = KVM_EXIT_EXCEPTION
-    run.ex.exception = hw.exception_vector
-    run.ex.error_code = hw.cpu.exception_error_code()
+    run.exit_reason = KVM_EXIT_DEBUG
+    run.debug.arch.exception = arch.hw.exception_vector
+    run.debug.arch.pc = arch.hw.cpu.code_linear(arch.rip)
+    run.debug.arch.dr6 = DR6_ACTIVE_LOW
+    run.debug.arch.dr7 = DR7_FIXED_1
+    return 0
+
+
+def handle_unsupported_delivery(vcpu: KvmVcpu) -> int:
+    """An event kvmlab's CPU cannot deliver (task gate, ring change): say so, do not guess.
+
+    Reported as KVM_EXIT_INTERNAL_ERROR with suberror DELIVERY_EV; docs/kernel.md lists what
+    the simulator delivers.
+    """
+    run: Any = vcpu.run
+    run.exit_reason = KVM_EXIT_INTERNAL_ERROR
+    run.internal.suberror = KVM_INTERNAL_ERROR_DELIVERY_EV
+    run.internal.ndata = 0
     return 0
 
 
@@ -608,7 +683,15 @@ def post_kvm_run_save(vcpu: KvmVcpu) -> None:
     run.if_flag = if_flag
     run.cr8 = arch.cr8
     run.apic_base = arch.apic_base
-    run.ready_for_interrupt_injection = if_flag and not arch.hw.cpu.interrupt_shadow()
+    run.ready_for_interrupt_injection = kvm_vcpu_ready_for_interrupt_injection(vcpu)
+
+
+def kvm_vcpu_ready_for_interrupt_injection(vcpu: KvmVcpu) -> bool:
+    """IF set, no interrupt shadow, and no KVM_INTERRUPT vector already waiting."""
+    arch = _vcpu_arch(vcpu)
+    if not arch.rflags & X86_RFLAGS_IF or arch.interrupt is not None:
+        return False
+    return not arch.hw.cpu.interrupt_shadow()
 
 
 class X86:

@@ -43,7 +43,6 @@ from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
     UC_X86_REG_RAX,
-    UC_X86_REG_RCX,
     UC_X86_REG_RFLAGS,
     UC_X86_REG_RIP,
     UC_X86_REG_RSI,
@@ -100,6 +99,7 @@ class IoExit:
     insn_rip: int = 0  # the IO instruction
     next_rip: int = 0  # the instruction after it (for INS: not yet known)
     rax: int = 0  # IN: rax before the instruction
+    prefixes: bytes = b""  # string IO: the prefix bytes before the opcode
 
 
 @dataclass(slots=True)
@@ -501,9 +501,8 @@ class UcVcpu:
         io.rep = False
         if io.string:
             code = self.cpu.read_code(io.insn_rip, 15)
-            for byte in code:
-                if byte not in _PREFIXES:
-                    break
-                io.rep = io.rep or byte in _REP_PREFIXES
-            if io.is_in:
-                io.rep = io.rep and self.cpu.read_reg(UC_X86_REG_RCX) != 0
+            n = 0
+            while n < len(code) and code[n] in _PREFIXES:
+                n += 1
+            io.prefixes = code[:n]
+            io.rep = any(b in _REP_PREFIXES for b in io.prefixes)

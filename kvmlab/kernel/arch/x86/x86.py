@@ -73,6 +73,7 @@ from kvmlab.uapi import (
     X86_CR4_PAE,
     X86_EFER_LMA,
     X86_EFER_LME,
+    X86_RFLAGS_DF,
     X86_RFLAGS_FIXED,
     X86_RFLAGS_IF,
     kvm_guest_debug,
@@ -520,23 +521,84 @@ def handle_io(vcpu: KvmVcpu) -> int:
 
 
 def handle_string_io(vcpu: KvmVcpu) -> int:
-    """OUTS: Unicorn has done one element; report it with count 1, as KVM's emulator does.
+    """OUTS and INS go through KVM's instruction emulator.
 
-    INS needs KVM's read-ahead batching and lands with the rest of string IO (part 2).
+    OUTS: Unicorn has done one element; it is reported with count 1, rip staying on a REP
+    instruction until rcx reaches 0, as the emulator does. INS: the emulator reads ahead, so
+    one exit asks for count = min(rcx, 1024 / size, bytes left in rdi's page) elements, and the
+    next KVM_RUN stores them (complete_emulated_pio_ins).
     """
     arch = _vcpu_arch(vcpu)
     io = arch.hw.io
     run: Any = vcpu.run
-    if io.is_in:
-        return handle_emulation_failure(vcpu)
     run.exit_reason = KVM_EXIT_IO
-    run.io.direction = KVM_EXIT_IO_OUT
     run.io.size = io.size
     run.io.port = io.port
-    run.io.count = 1
     run.io.data_offset = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
-    vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = io.value.to_bytes(io.size, "little")
+    if not io.is_in:
+        run.io.direction = KVM_EXIT_IO_OUT
+        run.io.count = 1
+        vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = io.value.to_bytes(io.size, "little")
+        return 0
+    kvm_register_flush(vcpu)
+    regs, sregs = kvm_regs(), kvm_sregs()
+    arch.hw.cpu.get_regs(regs)
+    arch.hw.cpu.get_sregs(sregs)
+    amask = _address_mask(sregs, 0x67 in io.prefixes)
+    rdi = regs.rdi & amask
+    count = 1
+    if io.rep:
+        down = regs.rflags & X86_RFLAGS_DF
+        in_page = (rdi & (PAGE_SIZE - 1)) if down else PAGE_SIZE - (rdi & (PAGE_SIZE - 1))
+        count = max(min(in_page, 1024 // io.size, regs.rcx & amask), 1)
+    run.io.direction = KVM_EXIT_IO_IN
+    run.io.count = count
+    vcpu.run_map[PAGE_SIZE : PAGE_SIZE + count * io.size] = bytes(count * io.size)
+    arch.pio_size = io.size
+    arch.pio_next_rip = io.insn_rip + len(io.prefixes) + 1
+    arch.complete_userspace_io = complete_emulated_pio_ins
     return 0
+
+
+def _address_mask(sregs: kvm_sregs, override: bool) -> int:
+    """The address size of a string instruction: from the mode, flipped by a 0x67 prefix."""
+    if sregs.efer & X86_EFER_LMA and sregs.cs.l:
+        bits = 32 if override else 64
+    else:
+        wide = bool(sregs.cr0 & X86_CR0_PE and sregs.cs.db)
+        bits = 32 if wide != override else 16
+    return (1 << bits) - 1
+
+
+def complete_emulated_pio_ins(vcpu: KvmVcpu) -> int:
+    """Store the INS data at ES:rdi, step rdi (and rcx for REP), and retire it when done."""
+    arch = _vcpu_arch(vcpu)
+    io = arch.hw.io
+    cpu = arch.hw.cpu
+    kvm_register_flush(vcpu)
+    regs, sregs = kvm_regs(), kvm_sregs()
+    cpu.get_regs(regs)
+    cpu.get_sregs(sregs)
+    run: Any = vcpu.run
+    size, count = arch.pio_size, run.io.count
+    amask = _address_mask(sregs, 0x67 in io.prefixes)
+    step = -size if regs.rflags & X86_RFLAGS_DF else size
+    base = 0 if sregs.efer & X86_EFER_LMA and sregs.cs.l else sregs.es.base
+    rdi = regs.rdi & amask
+    for i in range(count):
+        data = vcpu.run_map[PAGE_SIZE + i * size : PAGE_SIZE + (i + 1) * size]
+        cpu.write_virtual(base + ((rdi + i * step) & amask), data)
+    regs.rdi = (regs.rdi & ~amask) | ((rdi + count * step) & amask)
+    done = True
+    if io.rep:
+        rcx = ((regs.rcx & amask) - count) & amask
+        regs.rcx = (regs.rcx & ~amask) | rcx
+        done = rcx == 0
+    if done:
+        regs.rip = arch.pio_next_rip
+    cpu.set_regs(regs)
+    arch.rip, arch.rip_dirty = regs.rip, False
+    return 1
 
 
 def complete_fast_pio_out(vcpu: KvmVcpu) -> int:

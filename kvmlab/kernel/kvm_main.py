@@ -37,11 +37,13 @@ from kvmlab.uapi import (
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
     KVM_GET_API_VERSION,
+    KVM_GET_DIRTY_LOG,
     KVM_GET_MP_STATE,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_RUN,
     KVM_SET_USER_MEMORY_REGION,
     KVMIO,
+    kvm_dirty_log,
     kvm_mp_state,
     kvm_userspace_memory_region,
 )
@@ -257,9 +259,32 @@ def kvm_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
         mem = copy_struct_from_user(kvm_userspace_memory_region, arg)
         kvm_vm_ioctl_set_memory_region(kvm, mem)
         return 0
+    if cmd == KVM_GET_DIRTY_LOG:
+        kvm_vm_ioctl_get_dirty_log(kvm, copy_struct_from_user(kvm_dirty_log, arg))
+        return 0
     if cmd == KVM_CHECK_EXTENSION:
         return kvm_vm_ioctl_check_extension_generic(kvm, arg)
     return kvm.arch_ops.kvm_arch_vm_ioctl(kvm, cmd, arg)
+
+
+def kvm_vm_ioctl_get_dirty_log(kvm: Kvm, log: kvm_dirty_log) -> None:
+    """kvm_get_dirty_log_protect: hand out the slot's dirty bitmap, clear it, re-protect.
+
+    The bitmap has one bit per page of the slot, rounded up to 64 bits; pages the guest (not
+    userspace) wrote since the last call are set. The vCPUs write-protect the slot again at
+    their next entry, as KVM write-protects it here.
+    """
+    as_id, id_ = log.slot >> 16, log.slot & 0xFFFF
+    if as_id >= KVM_ADDRESS_SPACE_NUM or id_ >= KVM_USER_MEM_SLOTS:
+        fail(errno.EINVAL)
+    with kvm.slots_lock:
+        slots = kvm.memslots[as_id]
+        slot = slots.slots.get(id_)
+        if slot is None or slot.dirty_bitmap is None:
+            fail(errno.ENOENT)
+        copy_to_user(log.dirty_bitmap, slot.dirty_bitmap)
+        slot.dirty_bitmap[:] = bytes(len(slot.dirty_bitmap))
+        slots.generation += 1
 
 
 def kvm_vm_ioctl_set_memory_region(kvm: Kvm, mem: kvm_userspace_memory_region) -> None:

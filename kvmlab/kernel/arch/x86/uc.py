@@ -22,6 +22,7 @@ from unicorn import (
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_OK,
+    UC_ERR_WRITE_PROT,
     UC_HOOK_EDGE_GENERATED,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
@@ -29,6 +30,7 @@ from unicorn import (
     UC_HOOK_MEM_READ,
     UC_HOOK_MEM_UNMAPPED,
     UC_HOOK_MEM_WRITE,
+    UC_HOOK_MEM_WRITE_PROT,
     UC_MEM_FETCH_UNMAPPED,
     UC_MEM_READ,
     UC_MODE_64,
@@ -67,6 +69,9 @@ EXIT_REASON_HLT = 12
 EXIT_REASON_IO_INSTRUCTION = 30
 EXIT_REASON_MONITOR_TRAP_FLAG = 37  # a counted run of one instruction retired it
 EXIT_REASON_DELIVERY_UNSUPPORTED = -1  # kvmlab's CPU cannot deliver this event (see uc_events)
+EXIT_REASON_EFAULT = -2  # the host memory behind a slot is gone: KVM_RUN fails with EFAULT
+EXIT_REASON_WRITE_PROTECTED = -3  # handled inside vcpu_run; never seen by KVM
+EXIT_REASON_RETRY = -4  # a new MMIO page was mapped: run the instruction again
 BP_VECTOR = 3
 X86_RFLAGS_IF = 1 << 9
 EXIT_REASON_EPT_VIOLATION = 48  # no memory behind a fetch: KVM's emulator gives up
@@ -157,6 +162,8 @@ class UcVcpu:
         self._window = MmioAccess(0, 0, False, b"")
         self.intercept_bp = False  # KVM_GUESTDBG_USE_SW_BP: #BP exits instead of being delivered
         self._invalid_opcode = False
+        self.slots = KvmMemslots()
+        self._write_fault: tuple[str, int] | None = None  # ("dirty" | "readonly", gpa)
         self.unsupported = ""
         # The hooks hold this object; close() drops them so the engine is freed at once.
         self._hooks = [
@@ -166,6 +173,7 @@ class UcVcpu:
             uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid),
             uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_edge),
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped),
+            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot),
         ]
 
     def close(self) -> None:
@@ -192,6 +200,7 @@ class UcVcpu:
             if access == "rw" and not slot.readonly:
                 perms |= UC_PROT_WRITE
             wanted[slot.id] = MappedSlot(slot.gpa, slot.size, slot.userspace_addr, perms)
+        self.slots = slots
         self._unmap_mmio_pages()
         for id_, old in list(self.mapped.items()):
             if wanted.get(id_) != old:
@@ -201,6 +210,9 @@ class UcVcpu:
             if id_ not in self.mapped:
                 self.uc.mem_map_ptr(new.gpa, new.size, new.perms, new.hva)
                 self.mapped[id_] = new
+        for slot in slots:  # dirty logging: write-protect, and note a page's first write
+            if slot.dirty_bitmap is not None and slot.id in self.mapped:
+                self.uc.mem_protect(slot.gpa, slot.size, UC_PROT_READ | UC_PROT_EXEC)
         self.unbacked = unbacked
         self.generation = slots.generation
         self.code_pages.clear()
@@ -280,9 +292,14 @@ class UcVcpu:
 
         The page is served by `_mmio_read`, and a hook bounded to it sees each whole access
         (Unicorn splits the callbacks into 4-byte pieces; the hook gets the full size and value).
+        Code translated before the hook existed would not call it, so the access fails here and
+        vcpu_run flushes the translations and runs the instruction again.
         """
         if access == UC_MEM_FETCH_UNMAPPED:
             return False  # nothing to execute there: reported as an EPT violation
+        if any(gpa <= addr < gpa + n for gpa, n in self.unbacked):
+            self._stop(EXIT_REASON_EFAULT)  # a slot whose host memory is not mapped
+            return False
         for page in {addr & PAGE_MASK, (addr + size - 1) & PAGE_MASK}:
             if page in self.mmio_pages or self.gpa_to_hva(page) is not None:
                 continue
@@ -294,7 +311,8 @@ class UcVcpu:
                 page,
                 page + PAGE_SIZE - 1,
             )
-        return True
+        self._stop(EXIT_REASON_RETRY)
+        return False
 
     def _on_mmio(self, uc: Uc, access: int, addr: int, size: int, value: int, _ud: object) -> None:
         """Every access to an MMIO page: replayed from this instruction's log, or a new exit."""
@@ -321,6 +339,23 @@ class UcVcpu:
         if not self._exit_pending:
             self.mmio = MmioAccess(addr, size, True, data)
             self._stop(EXIT_REASON_EPT_MISCONFIG)
+
+    def _on_write_prot(
+        self, uc: Uc, access: int, addr: int, size: int, value: int, _ud: object
+    ) -> bool:
+        """A store to a write-protected page: dirty logging's first write, or a READONLY slot.
+
+        Protection cannot change while Unicorn runs, so the access fails here and vcpu_run
+        deals with it between two emu_starts.
+        """
+        slot = self.slots.gfn_to_memslot(addr >> 12)
+        if slot is not None and slot.readonly:
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self.mmio = MmioAccess(addr, size, True, data)
+            self._write_fault = ("readonly", addr)
+        elif slot is not None and slot.dirty_bitmap is not None:
+            self._write_fault = ("dirty", addr)
+        return False
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, page: int) -> int:
         """Serve a piece of the current MMIO read from the bytes userspace supplied."""
@@ -389,6 +424,14 @@ class UcVcpu:
                     return self._set_reason(EXIT_REASON_INTERRUPT_WINDOW)
             counted = self.replaying or step or irq_window
             reason = self._enter(rip, 1 if counted else RUN_FOREVER)
+            if reason == EXIT_REASON_RETRY:
+                rip = self.rip
+                continue
+            if reason == EXIT_REASON_WRITE_PROTECTED:
+                handled = self._write_protected(self.rip)
+                if handled is None:
+                    continue  # a dirty page noted and unprotected: retry the store
+                return handled  # a READONLY slot's store, already retired
             if reason == EXIT_REASON_EXCEPTION_NMI:
                 exit_reason = self._guest_exception()
                 if exit_reason is not None:
@@ -405,6 +448,7 @@ class UcVcpu:
                 # that it retires (rip past it), as KVM's emulator writes back before exiting.
                 self._writes.append(self.mmio)
                 first = self.mmio
+                rip = self.rip  # the store's instruction (earlier ones may have run)
                 again = self._enter(rip, 1)
                 self.mmio = first
                 if again == EXIT_REASON_EPT_MISCONFIG:
@@ -423,6 +467,37 @@ class UcVcpu:
             if reason == EXIT_REASON_MONITOR_TRAP_FLAG and self._stepped_halt(rip):
                 return self._set_reason(EXIT_REASON_HLT)
             return reason
+
+    def _write_protected(self, rip: int) -> int | None:
+        """After a store hit a write-protected page: log it dirty, or make it an MMIO write."""
+        assert self._write_fault is not None
+        kind, gpa = self._write_fault
+        self._write_fault = None
+        page = gpa & PAGE_MASK
+        slot = self.slots.gfn_to_memslot(gpa >> 12)
+        assert slot is not None
+        if kind == "dirty":
+            assert slot.dirty_bitmap is not None
+            index = (gpa >> 12) - slot.base_gfn
+            slot.dirty_bitmap[index // 8] |= 1 << (index % 8)
+            self.uc.mem_protect(page, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
+            return None
+        # A READONLY slot: retire the instruction with the store thrown away (KVM emulates it
+        # and exits with the data), by letting it write and putting the bytes back.
+        write = self.mmio
+        hva = slot.userspace_addr + (page - slot.gpa)
+        saved = ctypes.string_at(hva, PAGE_SIZE)
+        self.uc.mem_protect(page, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
+        try:
+            reason = self._enter(rip, 1)
+        finally:
+            ctypes.memmove(hva, saved, PAGE_SIZE)
+            self.uc.mem_protect(page, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
+            self.uc.ctl_remove_cache(page, page + PAGE_SIZE)
+        self.mmio = write
+        if reason != EXIT_REASON_MONITOR_TRAP_FLAG:
+            return reason
+        return self._set_reason(EXIT_REASON_EPT_MISCONFIG)
 
     def _guest_exception(self) -> int | None:
         """The guest raised an exception: deliver it as the CPU would, unless KVM wants it."""
@@ -470,6 +545,14 @@ class UcVcpu:
         if err != UC_ERR_OK:
             if err in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
                 return self._set_reason(EXIT_REASON_EPT_VIOLATION)
+            if err == UC_ERR_WRITE_PROT and self._write_fault is not None:
+                return self._set_reason(EXIT_REASON_WRITE_PROTECTED)
+            if self._exit_pending and self.exit_reason == EXIT_REASON_EFAULT:
+                return EXIT_REASON_EFAULT
+            if self._exit_pending and self.exit_reason == EXIT_REASON_RETRY:
+                self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+                self.code_pages.clear()
+                return EXIT_REASON_RETRY
             raise UcError(err)
         if self._exit_pending:
             if self.exit_reason == EXIT_REASON_IO_INSTRUCTION:

@@ -480,6 +480,8 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
     if exit_reason == vendor.EXIT_REASON_TRIPLE_FAULT:
         vcpu.run.exit_reason = KVM_EXIT_SHUTDOWN  # handle_triple_fault
         return 0
+    if exit_reason == vendor.EXIT_REASON_EFAULT:
+        fail(errno.EFAULT)  # the host memory behind a slot is not mapped (VMX; PVM gives MMIO)
     if exit_reason == vendor.EXIT_REASON_DELIVERY_UNSUPPORTED:
         return handle_unsupported_delivery(vcpu)
     if exit_reason == vendor.EXIT_REASON_EXTERNAL_INTERRUPT:

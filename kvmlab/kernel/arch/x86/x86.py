@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,7 @@ from kvmlab.uapi import (
 )
 
 PAGE_SIZE = 4096
+PIO_DATA_OFFSET = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
 KVM_MAX_VCPUS = 1024  # CONFIG_KVM_MAX_NR_VCPUS default
 KVM_VCPU_ID_RATIO = 4
 KVM_MAX_VCPU_IDS = KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO
@@ -134,23 +136,18 @@ class KvmArchVm:
     tss_addr: int = 0
 
 
-def _vcpu_arch(vcpu: KvmVcpu) -> KvmVcpuArch:
-    arch: KvmVcpuArch = vcpu.arch
-    return arch
-
-
 def kvm_rip_read(vcpu: KvmVcpu) -> int:
-    return _vcpu_arch(vcpu).rip
+    return vcpu.arch.rip
 
 
 def kvm_rip_write(vcpu: KvmVcpu, rip: int) -> None:
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     arch.rip, arch.rip_dirty = rip, True
 
 
 def kvm_register_flush(vcpu: KvmVcpu) -> None:
     """Write the cached registers to the CPU before anything reads the CPU directly."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     cpu = arch.hw.cpu
     if arch.rip_dirty:
         cpu.set_rip(arch.rip)
@@ -219,7 +216,7 @@ def kvm_arch_vcpu_destroy(vcpu: KvmVcpu) -> None:
 
 def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
     """The architectural power-on state: real mode, CS:IP = f000:fff0, first fetch at 4G-16."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     regs = kvm_regs(rdx=0x600, rip=0xFFF0, rflags=X86_RFLAGS_FIXED)
     sregs = kvm_sregs()
     for name in SEGMENT_NAMES:
@@ -264,7 +261,7 @@ def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
         kvm_vcpu_ioctl_interrupt(vcpu, copy_struct_from_user(kvm_interrupt, arg))
         return 0
     if cmd == KVM_NMI:
-        _vcpu_arch(vcpu).nmi_pending = True  # kvm_inject_nmi
+        vcpu.arch.nmi_pending = True  # kvm_inject_nmi
         return 0
     if cmd == KVM_SET_GUEST_DEBUG:
         kvm_arch_vcpu_ioctl_set_guest_debug(vcpu, copy_struct_from_user(kvm_guest_debug, arg))
@@ -276,7 +273,7 @@ def kvm_vcpu_ioctl_interrupt(vcpu: KvmVcpu, irq: kvm_interrupt) -> None:
     """Queue an external interrupt vector; without an in-kernel PIC a second one overwrites."""
     if irq.irq >= KVM_NR_INTERRUPTS:
         fail(errno.EINVAL)
-    _vcpu_arch(vcpu).interrupt = irq.irq
+    vcpu.arch.interrupt = irq.irq
 
 
 def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> None:
@@ -284,7 +281,7 @@ def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> 
 
     x86 ignores control bits it does not know; without KVM_GUESTDBG_ENABLE it is all off.
     """
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     control = dbg.control
     arch.guest_debug = control if control & KVM_GUESTDBG_ENABLE else 0
     arch.hw.intercept_bp = bool(arch.guest_debug & KVM_GUESTDBG_USE_SW_BP)
@@ -292,12 +289,12 @@ def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> 
 
 def kvm_arch_vcpu_ioctl_get_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
     kvm_register_flush(vcpu)
-    _vcpu_arch(vcpu).hw.cpu.get_regs(regs)
+    vcpu.arch.hw.cpu.get_regs(regs)
 
 
 def kvm_arch_vcpu_ioctl_set_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
     """__set_regs: every register as given, except that RFLAGS bit 1 always reads as 1."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     regs.rflags |= X86_RFLAGS_FIXED
     arch.hw.cpu.set_regs(regs)
     arch.rip, arch.rip_dirty, arch.rflags, arch.rax_dirty = regs.rip, False, regs.rflags, None
@@ -305,7 +302,7 @@ def kvm_arch_vcpu_ioctl_set_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
 
 
 def kvm_arch_vcpu_ioctl_get_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     kvm_register_flush(vcpu)
     arch.hw.cpu.get_sregs(sregs)
     sregs.cr8 = arch.cr8
@@ -345,7 +342,7 @@ def kvm_set_apic_base_valid(value: int) -> bool:
 
 def kvm_arch_vcpu_ioctl_set_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
     """__set_sregs: validate, then load; VMX details (accessed bit, unusable) as on hardware."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     if not kvm_is_valid_sregs(sregs):
         fail(errno.EINVAL)
     if not kvm_set_apic_base_valid(sregs.apic_base):
@@ -374,35 +371,48 @@ def vmx_fixup_segment(seg: Any, name: str) -> None:
 
 
 def kvm_arch_vcpu_ioctl_get_mpstate(vcpu: KvmVcpu) -> int:
-    return _vcpu_arch(vcpu).mp_state
+    return vcpu.arch.mp_state
 
 
 # --- KVM_RUN ----------------------------------------------------------------------------------
 
 
+# kvm_run read and written with struct, one call per group of fields: this is the hot path,
+# and a ctypes attribute costs as much as a whole pack. The offsets are kvm_run's (uapi).
+_RUN_IN = struct.Struct("<BB")  # request_interrupt_window, immediate_exit @0
+_RUN_CR8 = struct.Struct("<Q")  # cr8 @16
+_RUN_SYNC = struct.Struct("<QQ")  # kvm_valid_regs, kvm_dirty_regs @288
+_RUN_OUT = struct.Struct("<BBHQQ")  # ready_for_interrupt_injection .. apic_base @12
+_RUN_EXIT_REASON = struct.Struct("<I")  # @8
+_RUN_IO = struct.Struct("<BBHIQ")  # io.direction, size, port, count, data_offset @32
+assert kvm_run.kvm_valid_regs.offset == 288 and kvm_run.ready_for_interrupt_injection.offset == 12
+assert kvm_run.io.offset == 32 and kvm_run.cr8.offset == 16
+
+
 def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
     """KVM_RUN: finish the last exit's IO, then run until the next exit userspace must see."""
-    run: Any = vcpu.run
-    arch = _vcpu_arch(vcpu)
-    run.flags = 0
+    shared = vcpu.run_map
+    arch: KvmVcpuArch = vcpu.arch
     try:
-        if (run.kvm_valid_regs | run.kvm_dirty_regs) & ~KVM_SYNC_X86_VALID_FIELDS:
+        valid, dirty = _RUN_SYNC.unpack_from(shared, 288)
+        if (valid | dirty) & ~KVM_SYNC_X86_VALID_FIELDS:
             fail(errno.EINVAL)
-        if run.kvm_dirty_regs:
+        if dirty:
             sync_regs(vcpu)
-        if run.cr8 & CR8_RESERVED_BITS:  # kvm_set_cr8 from kvm_run without an in-kernel APIC
+        (cr8,) = _RUN_CR8.unpack_from(shared, 16)
+        if cr8 & CR8_RESERVED_BITS:  # kvm_set_cr8 from kvm_run without an in-kernel APIC
             fail(errno.EINVAL)
-        arch.cr8 = run.cr8
+        arch.cr8 = cr8
         cui = arch.complete_userspace_io
         if cui is not None:
             arch.complete_userspace_io = None
             if cui(vcpu) <= 0:
                 return 0
-        if run.immediate_exit:
+        if shared[1]:  # immediate_exit
             fail(errno.EINTR)
         vcpu_run(vcpu)
     finally:
-        if run.kvm_valid_regs:
+        if _RUN_SYNC.unpack_from(shared, 288)[0]:
             store_regs(vcpu)
         post_kvm_run_save(vcpu)
     return 0
@@ -411,11 +421,11 @@ def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
 def vcpu_run(vcpu: KvmVcpu) -> None:
     """Enter the guest again and again until an exit must go to userspace (or a signal)."""
     run: Any = vcpu.run
-    run.exit_reason = KVM_EXIT_UNKNOWN
+    _RUN_EXIT_REASON.pack_into(vcpu.run_map, 8, KVM_EXIT_UNKNOWN)
     while True:
         if vcpu_enter_guest(vcpu) <= 0:
             return
-        if run.request_interrupt_window and kvm_vcpu_ready_for_interrupt_injection(vcpu):
+        if vcpu.run_map[0] and kvm_vcpu_ready_for_interrupt_injection(vcpu):
             run.exit_reason = KVM_EXIT_IRQ_WINDOW_OPEN
             return
         if signal_pending(vcpu):
@@ -425,7 +435,7 @@ def vcpu_run(vcpu: KvmVcpu) -> None:
 
 def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     """One trip into the guest and back: >0 means re-enter, 0 means exit to userspace."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     hw = arch.hw
     slots = vcpu.kvm.memslots[0]
     if hw.generation != slots.generation:
@@ -438,13 +448,14 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         kvm_register_flush(vcpu)
         hw.remember_code_at(hw.cpu.code_linear(arch.rip))
         arch.new_entry = False
-    run: Any = vcpu.run
-    exit_reason = inject_pending_event(vcpu)
+    exit_reason = None
+    if arch.nmi_pending or arch.interrupt is not None:
+        exit_reason = inject_pending_event(vcpu)
     if exit_reason is None:
         exit_reason = hw.vcpu_run(
             arch.rip,
             step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP),
-            irq_window=bool(run.request_interrupt_window) and arch.interrupt is None,
+            irq_window=bool(vcpu.run_map[0]) and arch.interrupt is None,
         )
     arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
     return handle_exit(vcpu, exit_reason)
@@ -452,7 +463,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
 
 def inject_pending_event(vcpu: KvmVcpu) -> int | None:
     """Deliver a queued NMI or KVM_INTERRUPT vector as VM entry does (IF is not checked)."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     if not arch.nmi_pending and arch.interrupt is None:
         return None
     kvm_register_flush(vcpu)
@@ -496,28 +507,23 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
 def handle_io(vcpu: KvmVcpu) -> int:
     """IN/OUT: KVM's fast PIO path. The exit reports the instruction as not yet executed; the
     next KVM_RUN retires it (complete_fast_pio_in/out), unless userspace moved rip."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     io = arch.hw.io
     if io.string:
         return handle_string_io(vcpu)
-    run: Any = vcpu.run
-    io_exit = run.io
-    io_exit.size = io.size
-    io_exit.port = io.port
-    io_exit.count = 1
-    io_exit.data_offset = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
-    run.exit_reason = KVM_EXIT_IO
+    shared = vcpu.run_map
+    size = io.size
+    _RUN_EXIT_REASON.pack_into(shared, 8, KVM_EXIT_IO)
+    _RUN_IO.pack_into(shared, 32, not io.is_in, size, io.port, 1, PIO_DATA_OFFSET)
     arch.cui_linear_rip = arch.rip = io.insn_rip
     arch.rip_dirty = True  # the CPU is already past the instruction
-    arch.pio_size, arch.pio_next_rip = io.size, io.next_rip
+    arch.pio_size, arch.pio_next_rip = size, io.next_rip
     if io.is_in:
-        io_exit.direction = KVM_EXIT_IO_IN
-        vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = bytes(io.size)
+        shared[PIO_DATA_OFFSET : PIO_DATA_OFFSET + size] = bytes(size)
         arch.rax_dirty = io.rax  # Unicorn already merged a placeholder into rax
         arch.complete_userspace_io = complete_fast_pio_in
     else:
-        io_exit.direction = KVM_EXIT_IO_OUT
-        vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = io.value.to_bytes(io.size, "little")
+        shared[PIO_DATA_OFFSET : PIO_DATA_OFFSET + size] = io.value.to_bytes(size, "little")
         arch.complete_userspace_io = complete_fast_pio_out
     return 0
 
@@ -530,7 +536,7 @@ def handle_string_io(vcpu: KvmVcpu) -> int:
     one exit asks for count = min(rcx, 1024 / size, bytes left in rdi's page) elements, and the
     next KVM_RUN stores them (complete_emulated_pio_ins).
     """
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     io = arch.hw.io
     run: Any = vcpu.run
     run.exit_reason = KVM_EXIT_IO
@@ -574,7 +580,7 @@ def _address_mask(sregs: kvm_sregs, override: bool) -> int:
 
 def complete_emulated_pio_ins(vcpu: KvmVcpu) -> int:
     """Store the INS data at ES:rdi, step rdi (and rcx for REP), and retire it when done."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     io = arch.hw.io
     cpu = arch.hw.cpu
     kvm_register_flush(vcpu)
@@ -605,7 +611,7 @@ def complete_emulated_pio_ins(vcpu: KvmVcpu) -> int:
 
 def complete_fast_pio_out(vcpu: KvmVcpu) -> int:
     """Retire the OUT: skip it, unless userspace moved rip meanwhile."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     if arch.rip != arch.cui_linear_rip:
         return 1
     return kvm_skip_emulated_instruction(vcpu, arch.pio_next_rip)
@@ -614,14 +620,14 @@ def complete_fast_pio_out(vcpu: KvmVcpu) -> int:
 def kvm_skip_emulated_instruction(vcpu: KvmVcpu, next_rip: int) -> int:
     """Move past an instruction KVM finished; when single-stepping, that step ends here."""
     kvm_rip_write(vcpu, next_rip)
-    if _vcpu_arch(vcpu).guest_debug & KVM_GUESTDBG_SINGLESTEP:
+    if vcpu.arch.guest_debug & KVM_GUESTDBG_SINGLESTEP:
         return kvm_vcpu_do_singlestep(vcpu)
     return 1
 
 
 def kvm_vcpu_do_singlestep(vcpu: KvmVcpu) -> int:
     """KVM_EXIT_DEBUG for a completed single step: #DB with DR6.BS, pc = the next rip."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     run: Any = vcpu.run
     kvm_register_flush(vcpu)
     run.exit_reason = KVM_EXIT_DEBUG
@@ -634,7 +640,7 @@ def kvm_vcpu_do_singlestep(vcpu: KvmVcpu) -> int:
 
 def complete_fast_pio_in(vcpu: KvmVcpu) -> int:
     """Retire the IN with userspace's data: merge below 4 bytes, zero-extend at 4, skip it."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     if arch.rip != arch.cui_linear_rip:
         return 1
     size = arch.pio_size
@@ -655,7 +661,7 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     A read exits before the instruction completes (rip on it) and finishes on the next
     KVM_RUN with run->mmio.data; a write exits after it (rip past it) with the data stored.
     """
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     m = arch.hw.mmio
     run: Any = vcpu.run
     run.exit_reason = KVM_EXIT_MMIO
@@ -672,7 +678,7 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
 def complete_emulated_mmio(vcpu: KvmVcpu) -> int:
     """Hand userspace's bytes to the read that is waiting for them."""
     run: Any = vcpu.run
-    _vcpu_arch(vcpu).hw.mmio_complete_read(bytes(run.mmio.data))
+    vcpu.arch.hw.mmio_complete_read(bytes(run.mmio.data))
     return 1
 
 
@@ -693,7 +699,7 @@ def handle_emulation_failure(vcpu: KvmVcpu) -> int:
 
 def handle_exception_nmi(vcpu: KvmVcpu) -> int:
     """An intercepted guest exception: #BP under KVM_GUESTDBG_USE_SW_BP is KVM_EXIT_DEBUG."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     run: Any = vcpu.run
     run.exit_reason = KVM_EXIT_DEBUG
     run.debug.arch.exception = arch.hw.exception_vector
@@ -741,18 +747,15 @@ def store_regs(vcpu: KvmVcpu) -> None:
 
 def post_kvm_run_save(vcpu: KvmVcpu) -> None:
     """Tell userspace, in kvm_run, about IF, CR8, the APIC base and whether it may inject."""
-    run: Any = vcpu.run
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     if_flag = bool(arch.rflags & X86_RFLAGS_IF)
-    run.if_flag = if_flag
-    run.cr8 = arch.cr8
-    run.apic_base = arch.apic_base
-    run.ready_for_interrupt_injection = kvm_vcpu_ready_for_interrupt_injection(vcpu)
+    ready = kvm_vcpu_ready_for_interrupt_injection(vcpu) if if_flag else False
+    _RUN_OUT.pack_into(vcpu.run_map, 12, ready, if_flag, 0, arch.cr8, arch.apic_base)
 
 
 def kvm_vcpu_ready_for_interrupt_injection(vcpu: KvmVcpu) -> bool:
     """IF set, no interrupt shadow, and no KVM_INTERRUPT vector already waiting."""
-    arch = _vcpu_arch(vcpu)
+    arch = vcpu.arch
     if not arch.rflags & X86_RFLAGS_IF or arch.interrupt is not None:
         return False
     return not arch.hw.cpu.interrupt_shadow()

@@ -87,8 +87,12 @@ _emu_start = uclib.uc_emu_start
 _emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
 _emu_start.argtypes += [ctypes.c_size_t]
 _emu_stop = uclib.uc_emu_stop
-_memcmp = ctypes.CDLL(None).memcmp
+_libc = ctypes.CDLL(None, use_errno=True)
+_memcmp = _libc.memcmp
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+_msync = _libc.msync
+_msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MS_ASYNC = 1
 
 
 @dataclass(slots=True)
@@ -217,6 +221,15 @@ class UcVcpu:
         self.generation = slots.generation
         self.code_pages.clear()
         self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+
+    def backing_intact(self) -> bool:
+        """Is the host memory behind every mapped slot still mapped in this process?
+
+        Unicorn dereferences it directly, so memory the program unmapped since (a closed or
+        garbage-collected mmap) must be taken out of the guest's view before it runs: msync
+        fails with ENOMEM on a range with a hole, and touches nothing.
+        """
+        return all(_msync(m.hva, m.size, MS_ASYNC) == 0 for m in self.mapped.values())
 
     def _unmap_mmio_pages(self) -> None:
         for page, handle in self.mmio_pages.items():

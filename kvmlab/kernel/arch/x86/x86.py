@@ -438,7 +438,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     arch = vcpu.arch
     hw = arch.hw
     slots = vcpu.kvm.memslots[0]
-    if hw.generation != slots.generation:
+    if hw.generation != slots.generation or not hw.backing_intact():
         hw.load_memslots(slots)
     else:
         hw.invalidate_stale_code()

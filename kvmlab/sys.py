@@ -18,7 +18,7 @@ import mmap as _mmap
 import os
 from typing import Any
 
-from kvmlab.kernel import fs
+from kvmlab.kernel import fs, signals
 from kvmlab.kernel.arch.x86.x86 import X86
 from kvmlab.kernel.kvm_main import kvm_init
 
@@ -34,6 +34,7 @@ def open(path: str, flags: int, mode: int = 0o777) -> int:
     misc = fs.misc_devices.get(os.path.normpath(path))
     if misc is None:
         return os.open(path, flags, mode)
+    signals.start_signal_watcher()  # from the main thread, where programs open /dev/kvm
     return fs.anon_inode_getfd(misc.name, misc.fops, None)
 
 

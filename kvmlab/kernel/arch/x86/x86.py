@@ -30,8 +30,12 @@ from kvmlab.uapi import (
     KVM_CAP_MAX_VCPUS,
     KVM_CAP_MP_STATE,
     KVM_CAP_NR_VCPUS,
+    KVM_CAP_READONLY_MEM,
+    KVM_CAP_SET_GUEST_DEBUG,
     KVM_CAP_SET_TSS_ADDR,
     KVM_CAP_SYNC_MMU,
+    KVM_CAP_SYNC_REGS,
+    KVM_CAP_USER_NMI,
     KVM_EXIT_DEBUG,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
@@ -172,8 +176,18 @@ def kvm_arch_destroy_vm(kvm: Kvm) -> None:
 
 def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
     """x86's answers for the capabilities kvmlab implements; 0 for everything else."""
-    if cap in (KVM_CAP_HLT, KVM_CAP_MP_STATE, KVM_CAP_SET_TSS_ADDR, KVM_CAP_SYNC_MMU):
+    if cap in (
+        KVM_CAP_HLT,
+        KVM_CAP_MP_STATE,
+        KVM_CAP_SET_TSS_ADDR,
+        KVM_CAP_SYNC_MMU,
+        KVM_CAP_READONLY_MEM,
+        KVM_CAP_USER_NMI,
+        KVM_CAP_SET_GUEST_DEBUG,
+    ):
         return 1
+    if cap == KVM_CAP_SYNC_REGS:
+        return KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS  # the events set is not filled yet
     if cap == KVM_CAP_NR_VCPUS:
         return min(os.cpu_count() or 1, KVM_MAX_VCPUS)
     if cap == KVM_CAP_MAX_VCPUS:

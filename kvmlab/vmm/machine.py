@@ -1,0 +1,567 @@
+"""A small PC: RAM, vCPUs, a UART, an exit device and a debug console, run on KVM.
+
+Two ways to run it:
+
+- synchronously, on the caller's thread: `machine.run(max_exits=...)` and `machine.step()`,
+  for notebooks and tests that want to look between exits;
+- on threads, one per vCPU, in QEMU's `kvm_vcpu_thread_fn` loop: `start()`, `pause()`,
+  `resume()`, `reset()`, `wait()`, `stop()`.
+
+As in QEMU, one big lock (the BQL) is held whenever devices or the machine's state are
+touched, and each vCPU thread drops it only inside KVM_RUN. Other threads make a vCPU leave
+KVM_RUN with a kick (`qemu_cpu_kick`: immediate_exit, then SIGUSR1 to its thread). Every wait
+has a timeout, so a runaway guest cannot hang the VMM; `stop()` always returns.
+https://gitlab.com/qemu-project/qemu/-/blob/master/accel/kvm/kvm-accel-ops.c
+https://gitlab.com/qemu-project/qemu/-/blob/master/system/cpus.c
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import mmap
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any
+
+from kvmlab.uapi import kvm_regs, kvm_sregs
+from kvmlab.vmm.boot import BOOT_STACK, setup_mode
+from kvmlab.vmm.cpu import (
+    CPU_INTERRUPT_HARD,
+    EXCP_DEBUG,
+    EXCP_HLT,
+    EXCP_INTERRUPT,
+    CPUState,
+)
+from kvmlab.vmm.exitlog import ExitLog, ExitRecord
+from kvmlab.vmm.hw.debugcon import DEBUGCON_IOBASE, DebugCon
+from kvmlab.vmm.hw.debugexit import DEBUG_EXIT_IOBASE, DEBUG_EXIT_IOSIZE, DebugExit
+from kvmlab.vmm.hw.serial import Serial16550
+from kvmlab.vmm.i386 import kvm_arch_get_registers
+from kvmlab.vmm.kvm_all import (
+    KVMState,
+    cpu_exit,
+    kvm_cpu_exec,
+    kvm_destroy_vcpu,
+    kvm_init,
+    kvm_init_cpu_signals,
+    kvm_init_vcpu,
+    kvm_set_user_memory_region,
+    qemu_cpu_kick,
+)
+from kvmlab.vmm.memory import IoBus, MmioBus
+
+log = logging.getLogger("kvmlab.vmm")
+DEFAULT_RAM_SIZE = 0x200000  # 2 MiB at guest-physical 0
+COM1_IOBASE, COM1_IRQ = 0x3F8, 4
+IRQ_VECTOR_BASE = 0x20  # ISA line n becomes vector 0x20 + n (a PIC programmed like Linux's)
+WAKE_INTERVAL = 0.05  # how often a waiting thread re-checks and re-kicks (seconds)
+STATES = ("created", "running", "paused", "shutdown", "internal-error", "debug", "stopped")
+
+
+@dataclass
+class RamBlock:
+    """Guest RAM: an anonymous mapping registered as one memory slot."""
+
+    slot: int
+    gpa: int
+    mem: mmap.mmap
+
+    @property
+    def size(self) -> int:
+        return len(self.mem)
+
+
+class Machine:
+    """A PC-like VM on the syscall face `k` (default: `kvmlab.sys`, the simulator).
+
+    `cpus` vCPUs, `ram_size` bytes of RAM at guest-physical 0, COM1 at 0x3f8 (`serial`),
+    isa-debug-exit at 0x501 (`debug_exit`) and the 0xe9 debug console (`debugcon`). More
+    devices go on `io` (ports) and `mmio` (addresses outside RAM). Use it as a context
+    manager, or call `close()`, to give the fds and memory back.
+    """
+
+    def __init__(
+        self,
+        k: ModuleType | None = None,
+        *,
+        ram_size: int = DEFAULT_RAM_SIZE,
+        cpus: int = 1,
+        log_limit: int = 100_000,
+    ) -> None:
+        self.k: Any = k if k is not None else importlib.import_module("kvmlab.sys")
+        self.bql = threading.RLock()
+        self.pause_cond = threading.Condition(self.bql)  # a vCPU became stopped
+        self.state_cond = threading.Condition(self.bql)  # machine state or a halt changed
+        self.exit_log = ExitLog(log_limit)
+        self.io = IoBus()
+        self.mmio = MmioBus()
+        self.state = "created"
+        self.exit_code: int | None = None  # set by the exit device
+        self.reset_requested = False
+        self.resets = 0
+        self.ram_blocks: list[RamBlock] = []
+        self.cpus: list[CPUState] = []
+        self._images: list[tuple[int, bytes]] = []  # what load() wrote: reloaded on reset
+        self._boot_state: dict[int, tuple[bytes, bytes]] = {}  # cpu -> (regs, sregs) at reset
+        self._irq_levels: set[int] = set()
+        self._pending_vectors: deque[int] = deque()
+        self._threads: list[threading.Thread] = []
+        kvm_init_cpu_signals()
+        self.kvm: KVMState | None = kvm_init(self.k)
+        try:
+            self.ram = self.add_ram(0, ram_size)
+            for index in range(cpus):
+                cpu = kvm_init_vcpu(self.kvm, index, self)
+                self.cpus.append(cpu)
+                self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+        except BaseException:
+            self.close()
+            raise
+        self.serial = Serial16550(on_irq=lambda level: self.set_irq(COM1_IRQ, level), lock=self.bql)
+        self.io.register(COM1_IOBASE, 8, self.serial)
+        self.debug_exit = DebugExit(on_exit=self.qemu_system_shutdown_request)
+        self.io.register(DEBUG_EXIT_IOBASE, DEBUG_EXIT_IOSIZE, self.debug_exit)
+        self.debugcon = DebugCon()
+        self.io.register(DEBUGCON_IOBASE, 1, self.debugcon)
+
+    # --- memory -------------------------------------------------------------------------------
+
+    def add_ram(self, gpa: int, size: int) -> mmap.mmap:
+        """Allocate `size` bytes of anonymous memory and make it guest RAM at `gpa`."""
+        assert self.kvm is not None
+        mem = mmap.mmap(-1, size)
+        view = (ctypes.c_char * size).from_buffer(mem)
+        hva = ctypes.addressof(view)
+        del view  # release the export, or the mapping could never be closed
+        slot = len(self.ram_blocks)
+        try:
+            kvm_set_user_memory_region(self.kvm, slot, gpa, size, hva)
+        except BaseException:
+            mem.close()
+            raise
+        self.ram_blocks.append(RamBlock(slot, gpa, mem))
+        return mem
+
+    def _ram_at(self, gpa: int, size: int) -> tuple[mmap.mmap, int] | None:
+        for block in self.ram_blocks:
+            if block.gpa <= gpa and gpa + size <= block.gpa + block.size:
+                return block.mem, gpa - block.gpa
+        return None
+
+    def memory_read(self, gpa: int, size: int) -> bytes | None:
+        """`size` bytes of guest RAM at `gpa`, or None if they are not all RAM."""
+        found = self._ram_at(gpa, size)
+        if found is None:
+            return None
+        mem, offset = found
+        return bytes(mem[offset : offset + size])
+
+    def memory_write(self, gpa: int, data: bytes) -> None:
+        """Write guest RAM (ValueError where there is none)."""
+        found = self._ram_at(gpa, len(data))
+        if found is None:
+            raise ValueError(f"no guest RAM at {gpa:#x}+{len(data):#x}")
+        mem, offset = found
+        mem[offset : offset + len(data)] = data
+
+    def load(self, data: bytes, gpa: int) -> None:
+        """Load a flat binary at `gpa`; it is loaded again on every reset (like a ROM)."""
+        self.memory_write(gpa, data)
+        self._images.append((gpa, bytes(data)))
+
+    # --- boot ---------------------------------------------------------------------------------
+
+    def setup_cpu(
+        self, index: int = 0, mode: str = "real", entry: int = 0x1000, stack: int = BOOT_STACK
+    ) -> None:
+        """Put vCPU `index` in `mode` ("real", "protected", "long") at `entry`; reset returns here.
+
+        The GDT and page tables are loaded like any image, so a reset restores them too.
+        """
+        with self.bql:
+            if self._threads and self.state == "running":
+                raise RuntimeError("pause() the machine before changing a vCPU")
+            cpu = self.cpus[index]
+            kvm_arch_get_registers(cpu)  # cpu_synchronize_state
+            setup_mode(self.load_at, cpu.regs, cpu.sregs, mode, entry, stack)
+            cpu.vcpu_dirty = True
+            cpu.halted = False
+            self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+
+    def load_at(self, gpa: int, data: bytes) -> None:
+        """load() with the arguments the other way round: the boot helpers' writer."""
+        self.load(data, gpa)
+
+    def boot(self, code: bytes, mode: str = "real", entry: int = 0x1000) -> Machine:
+        """Load `code` at `entry` and point every vCPU there in `mode`; returns the machine."""
+        self.load(code, entry)
+        for cpu in self.cpus:
+            self.setup_cpu(cpu.cpu_index, mode, entry)
+        return self
+
+    # --- interrupts (a PIC in one line: each rising edge of ISA line n is vector 0x20 + n) -----
+
+    def set_irq(self, line: int, level: bool) -> None:
+        """A device's interrupt line changed; a rising edge queues a vector for vCPU 0."""
+        with self.bql:
+            if level and line not in self._irq_levels:
+                self._pending_vectors.append(IRQ_VECTOR_BASE + line)
+                cpu = self.cpus[0]
+                cpu.interrupt_request |= CPU_INTERRUPT_HARD
+                qemu_cpu_kick(cpu)
+            if level:
+                self._irq_levels.add(line)
+            else:
+                self._irq_levels.discard(line)
+
+    def cpu_get_pic_interrupt(self, cpu: CPUState) -> int:
+        """The next vector for `cpu` (-1 if none); CPU_INTERRUPT_HARD stays while more wait."""
+        vector = self._pending_vectors.popleft() if self._pending_vectors else -1
+        if not self._pending_vectors:
+            cpu.interrupt_request &= ~CPU_INTERRUPT_HARD
+        return vector
+
+    # --- requests from devices and exits ------------------------------------------------------
+
+    def qemu_system_reset_request(self) -> None:
+        """The guest asked for a reset (triple fault): done by the vCPU loop, all CPUs paused."""
+        self.reset_requested = True
+        for cpu in self.cpus:
+            cpu_exit(cpu)
+
+    def qemu_system_shutdown_request(self, code: int) -> None:
+        """The exit device was written: stop the machine with that exit code."""
+        with self.bql:
+            self.exit_code = code
+            self.vm_stop("shutdown")
+
+    def vm_stop(self, state: str) -> None:
+        """Enter `state` and make every vCPU stop at its next chance (no waiting: callable
+        from a vCPU thread)."""
+        with self.bql:
+            self._set_state(state)
+            for cpu in self.cpus:
+                cpu.stop = True
+                cpu_exit(cpu)
+
+    def _set_state(self, state: str) -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown machine state {state!r}")
+        if self.state != "stopped":  # stop() is final
+            self.state = state
+        self.state_cond.notify_all()
+
+    # --- synchronous running --------------------------------------------------------------------
+
+    def run(self, max_exits: int = 100_000, cpu: int = 0) -> int:
+        """Run vCPU `cpu` on this thread until it halts, the machine stops, or `max_exits`
+        KVM_RUN calls; return the last kvm_cpu_exec result (EXCP_HLT, EXCP_INTERRUPT, ...)."""
+        c = self.cpus[cpu]
+        with self.bql:
+            self._claim_for_sync_run(c)
+            start = c.runs
+            try:
+                while True:
+                    left = max_exits - (c.runs - start)
+                    if left <= 0:
+                        return EXCP_INTERRUPT
+                    r = kvm_cpu_exec(c, max_runs=left)
+                    if self.reset_requested:
+                        self.reset_requested = False
+                        self.qemu_system_reset()
+                        continue
+                    self._after_exec(c, r)
+                    if r != EXCP_INTERRUPT or c.stop or c.unplug or self.state != "created":
+                        return r
+            finally:
+                self._release_sync_run(c)
+
+    def step(self, cpu: int = 0) -> ExitRecord | None:
+        """One KVM_RUN on this thread and the handling of its exit; the record logged, if any."""
+        c = self.cpus[cpu]
+        with self.bql:
+            self._claim_for_sync_run(c)
+            before = self.exit_log.dropped + len(self.exit_log)
+            try:
+                r = kvm_cpu_exec(c, max_runs=1)
+                if self.reset_requested:
+                    self.reset_requested = False
+                    self.qemu_system_reset()
+                self._after_exec(c, r)
+            finally:
+                self._release_sync_run(c)
+            grew = self.exit_log.dropped + len(self.exit_log) > before
+            return self.exit_log[-1] if grew else None
+
+    def _claim_for_sync_run(self, cpu: CPUState) -> None:
+        if self._threads:
+            raise RuntimeError("the vCPUs run on their threads: use pause()/resume()/wait()")
+        if self.state != "created":
+            raise RuntimeError(f"the machine is {self.state}; reset() it to run again")
+        cpu.stop = cpu.stopped = False
+        cpu.thread_id = threading.get_ident()
+
+    def _release_sync_run(self, cpu: CPUState) -> None:
+        cpu.thread_id = None
+        cpu.stop = False
+
+    def _after_exec(self, cpu: CPUState, r: int) -> None:
+        if r < 0:
+            self.vm_stop("internal-error")
+        elif r == EXCP_DEBUG:
+            self.vm_stop("debug")  # QEMU hands this to the gdbstub
+        elif r == EXCP_HLT:
+            self.state_cond.notify_all()
+
+    # --- vCPU threads -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start one thread per vCPU, each running kvm_vcpu_thread_fn."""
+        with self.bql:
+            if self._threads or self.state != "created":
+                raise RuntimeError(f"cannot start a machine that is {self.state}")
+            self._set_state("running")
+            for cpu in self.cpus:
+                thread = threading.Thread(
+                    target=self.kvm_vcpu_thread_fn,
+                    args=(cpu,),
+                    name=f"CPU {cpu.cpu_index}/KVM",
+                    daemon=True,  # a vCPU stuck beyond every timeout must not block exit
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def kvm_vcpu_thread_fn(self, cpu: CPUState) -> None:
+        """A vCPU thread: run the guest while allowed, else wait for work (QEMU's loop)."""
+        with self.bql:
+            cpu.thread_id = threading.get_ident()
+            try:
+                while True:
+                    if self.cpu_can_run(cpu):
+                        r = kvm_cpu_exec(cpu)
+                        self._after_exec(cpu, r)
+                    if self.reset_requested and not cpu.stop:
+                        self.reset_requested = False
+                        self._system_reset_from_vcpu(cpu)
+                    self.qemu_wait_io_event(cpu)
+                    if cpu.unplug:
+                        break
+            except Exception as e:  # a device model bug: stop the machine, say why
+                cpu.last_error = f"{type(e).__name__}: {e}"
+                log.exception("vCPU %d thread failed", cpu.cpu_index)
+                self.vm_stop("internal-error")
+            finally:
+                cpu.thread_id = None
+                cpu.stopped = True
+                self.pause_cond.notify_all()
+                self.state_cond.notify_all()
+
+    @staticmethod
+    def cpu_can_run(cpu: CPUState) -> bool:
+        return not (cpu.stop or cpu.stopped or cpu.unplug)
+
+    @staticmethod
+    def cpu_has_work(cpu: CPUState) -> bool:
+        """An interrupt the vCPU can take now (what wakes it from HLT)."""
+        return bool(cpu.interrupt_request & CPU_INTERRUPT_HARD) and cpu.if_flag
+
+    def cpu_thread_is_idle(self, cpu: CPUState) -> bool:
+        if cpu.stop or cpu.unplug:
+            return False
+        if cpu.stopped:
+            return True
+        return cpu.halted and not self.cpu_has_work(cpu)
+
+    def qemu_wait_io_event(self, cpu: CPUState) -> None:
+        """Sleep while there is nothing to do; turn a stop request into `stopped`."""
+        while self.cpu_thread_is_idle(cpu):
+            cpu.halt_cond.wait(WAKE_INTERVAL * 10)  # kicks notify; the timeout bounds a miss
+        if cpu.stop:
+            cpu.stop = False
+            cpu.stopped = True
+            self.pause_cond.notify_all()
+            self.state_cond.notify_all()
+
+    def _current_cpu(self) -> CPUState | None:
+        me = threading.get_ident()
+        return next((c for c in self.cpus if c.thread_id == me), None)
+
+    def all_vcpus_paused(self) -> bool:
+        return all(c.stopped or c.thread_id is None for c in self.cpus)
+
+    def pause_all_vcpus(self, timeout: float = 1.0) -> bool:
+        """Stop every vCPU outside KVM_RUN; False if one did not come out within `timeout`."""
+        with self.bql:
+            current = self._current_cpu()
+            for cpu in self.cpus:
+                if cpu is current:
+                    cpu.stop, cpu.stopped = False, True  # cpu_stop_current
+                else:
+                    cpu.stop = True
+                    qemu_cpu_kick(cpu)
+            deadline = time.monotonic() + timeout
+            while not self.all_vcpus_paused():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.pause_cond.wait(min(remaining, WAKE_INTERVAL))
+                for cpu in self.cpus:  # a signal that arrived just before KVM_RUN: kick again
+                    if not cpu.stopped:
+                        qemu_cpu_kick(cpu)
+            return True
+
+    def resume_all_vcpus(self) -> None:
+        with self.bql:
+            for cpu in self.cpus:
+                cpu.stop = cpu.stopped = False
+                qemu_cpu_kick(cpu)
+
+    def pause(self, timeout: float = 1.0) -> bool:
+        """Pause all vCPU threads; False (and still running) if one could not be stopped."""
+        with self.bql:
+            if not self._threads or self.state != "running":
+                raise RuntimeError(f"cannot pause a machine that is {self.state}")
+            if not self.pause_all_vcpus(timeout):
+                return False
+            self._set_state("paused")
+            return True
+
+    def resume(self) -> None:
+        """Let paused vCPU threads run again."""
+        with self.bql:
+            if self.state != "paused":
+                raise RuntimeError(f"cannot resume a machine that is {self.state}")
+            self._set_state("running")
+            self.resume_all_vcpus()
+
+    def wait(self, timeout: float = 5.0) -> bool:
+        """Wait until the machine stops running (exit device, error, stop) or every vCPU is
+        halted with nothing to wake it; False if still busy after `timeout` seconds."""
+
+        def quiet() -> bool:
+            if self.state != "running":
+                return True
+            return all(c.stopped or (c.halted and not self.cpu_has_work(c)) for c in self.cpus)
+
+        with self.bql:
+            return self.state_cond.wait_for(quiet, timeout)
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """End every vCPU thread (or a synchronous run on another thread); always returns.
+
+        True if all of them ended within `timeout`. The machine cannot run again after this.
+        """
+        with self.bql:
+            self._set_state("stopped")
+            for cpu in self.cpus:
+                cpu.unplug = cpu.stop = True
+                cpu_exit(cpu)
+        me = threading.current_thread()
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = [t for t in self._threads if t.is_alive() and t is not me]
+            syncing = [c for c in self.cpus if c.thread_id not in (None, threading.get_ident())]
+            if not busy and not syncing:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("stop(): %d vCPU(s) did not leave KVM_RUN", len(busy) + len(syncing))
+                return False
+            if busy:
+                busy[0].join(min(remaining, WAKE_INTERVAL))
+            else:
+                time.sleep(min(remaining, WAKE_INTERVAL / 10))
+            with self.bql:
+                for cpu in self.cpus:
+                    if cpu.thread_id is not None:
+                        qemu_cpu_kick(cpu)
+
+    # --- reset --------------------------------------------------------------------------------
+
+    def reset(self, timeout: float = 1.0) -> None:
+        """Reset the machine: vCPUs to their boot state, images reloaded, devices reset.
+
+        A running machine is paused around the reset and runs on; a stopped-by-the-guest one
+        ("shutdown", "internal-error", "debug") becomes runnable again.
+        """
+        with self.bql:
+            if self.state == "stopped":
+                raise RuntimeError("the machine is stopped")
+            if self._threads and not self.pause_all_vcpus(timeout):
+                raise TimeoutError("a vCPU did not stop for the reset")
+            self.qemu_system_reset()
+            if self._threads:
+                self._set_state("running")
+                self.resume_all_vcpus()
+            else:
+                self._set_state("created")
+
+    def _system_reset_from_vcpu(self, cpu: CPUState) -> None:
+        """A reset requested by the guest, done on its vCPU thread with the others paused."""
+        if not self.pause_all_vcpus():
+            cpu.last_error = "reset: a vCPU did not stop"
+            self.vm_stop("internal-error")
+            return
+        self.qemu_system_reset()
+        self.resume_all_vcpus()
+
+    def qemu_system_reset(self) -> None:
+        """Every vCPU back to its boot registers, every image reloaded, every device reset.
+
+        RAM outside the images keeps its contents, as on a PC's warm reset.
+        """
+        with self.bql:
+            for cpu in self.cpus:
+                regs, sregs = self._boot_state[cpu.cpu_index]
+                cpu.regs = kvm_regs.from_buffer_copy(regs)
+                cpu.sregs = kvm_sregs.from_buffer_copy(sregs)
+                cpu.vcpu_dirty = True
+                cpu.halted = False
+                cpu.interrupt_request = 0
+            self._pending_vectors.clear()
+            self._irq_levels.clear()
+            for gpa, data in self._images:
+                self.memory_write(gpa, data)
+            for device in self.io.devices() + self.mmio.devices():
+                device.reset()
+            self.exit_code = None
+            self.resets += 1
+
+    # --- teardown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the vCPUs and give back every fd and mapping (kept if a vCPU is stuck)."""
+        if not self.stop():
+            log.error("close(): leaving the VM's fds open, a vCPU thread is still running")
+            return
+        for cpu in self.cpus:
+            kvm_destroy_vcpu(cpu)
+        self.cpus = []
+        if self.kvm is not None:
+            for fd in (self.kvm.vmfd, self.kvm.fd):
+                with contextlib.suppress(OSError):
+                    self.k.close(fd)
+            self.kvm = None
+        for block in self.ram_blocks:
+            block.mem.close()
+        self.ram_blocks = []
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.k.name} {len(self.cpus)} vCPU(s) {self.state}>"

@@ -8,6 +8,7 @@ https://elixir.bootlin.com/linux/v6.12/source/virt/kvm/kvm_main.c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -154,7 +155,10 @@ def kvm_vcpu_destroy(vcpu: KvmVcpu) -> None:
     vcpu.kvm.arch_ops.kvm_arch_vcpu_destroy(vcpu)
     vcpu.run = None
     if vcpu.run_map is not _NO_MAPPING:
-        vcpu.run_map.close()
+        # A view of kvm_run may still be alive (a traceback's frame, say); then the mapping
+        # goes when that view does, as the kernel frees a page when its last map goes.
+        with contextlib.suppress(BufferError):
+            vcpu.run_map.close()
 
 
 # --- /dev/kvm ---------------------------------------------------------------------------------

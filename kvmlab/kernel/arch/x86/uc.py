@@ -11,18 +11,22 @@ exactly after the IO instruction, as a VM exit would (docs/engine.md).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from unicorn import (
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TB_FLUSH,
+    UC_CTL_TLB_FLUSH,
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_OK,
     UC_ERR_WRITE_PROT,
+    UC_HOOK_CODE,
     UC_HOOK_EDGE_GENERATED,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
@@ -44,6 +48,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
+    UC_X86_REG_CR0,
     UC_X86_REG_RAX,
     UC_X86_REG_RFLAGS,
     UC_X86_REG_RIP,
@@ -74,12 +79,15 @@ EXIT_REASON_WRITE_PROTECTED = -3  # handled inside vcpu_run; never seen by KVM
 EXIT_REASON_RETRY = -4  # a new MMIO page was mapped: run the instruction again
 BP_VECTOR = 3
 X86_RFLAGS_IF = 1 << 9
+X86_RFLAGS_RF = 1 << 16
+X86_CR0_PE_ONLY = 1  # protected mode, no paging: addresses are physical
 EXIT_REASON_EPT_VIOLATION = 48  # no memory behind a fetch: KVM's emulator gives up
 EXIT_REASON_EPT_MISCONFIG = 49  # an access to a GPA with no slot: MMIO, as KVM marks it
 
 RUN_FOREVER = 1 << 62  # the count that keeps Unicorn's per-instruction exit check armed
 PAGE_MASK = ~(PAGE_SIZE - 1) & (2**64 - 1)
 _REP_PREFIXES = (0xF2, 0xF3)
+_REP_WRITES = frozenset({0xA4, 0xA5, 0xAA, 0xAB, 0x6E, 0x6F})  # MOVS, STOS, OUTS
 _PREFIXES = frozenset(
     [0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0, *range(0x40, 0x50)]
 )
@@ -127,6 +135,7 @@ class MappedSlot:
     size: int
     hva: int
     perms: int
+    logged: bool  # dirty logging: write-protected until each page's first store
 
 
 class UcVcpu:
@@ -166,6 +175,11 @@ class UcVcpu:
         self._window = MmioAccess(0, 0, False, b"")
         self.intercept_bp = False  # KVM_GUESTDBG_USE_SW_BP: #BP exits instead of being delivered
         self._invalid_opcode = False
+        self.mmio_insn_rip = 0  # the instruction of the last MMIO write
+        self.pending_writes: list[MmioAccess] = []
+        self.debug_dr6 = 0  # DR6 of the last #DB the CPU raised for a hardware breakpoint
+        self._breakpoint_hooks: list[int] = []
+        self.intercepted_db = False
         self.slots = KvmMemslots()
         self._write_fault: tuple[str, int] | None = None  # ("dirty" | "readonly", gpa)
         self.unsupported = ""
@@ -181,8 +195,11 @@ class UcVcpu:
         ]
 
     def close(self) -> None:
-        """Drop the hooks (they reference this object) so the engine is freed with the vCPU."""
-        self._unmap_mmio_pages()
+        """Drop the hooks (they reference this object) so the engine is freed with the vCPU.
+
+        Nothing is unmapped: the host memory behind the slots may already be gone, and
+        freeing the engine releases its whole address space at once.
+        """
         for handle in self._hooks:
             self.uc.hook_del(handle)
         self._hooks.clear()
@@ -203,24 +220,39 @@ class UcVcpu:
             perms = UC_PROT_READ | UC_PROT_EXEC
             if access == "rw" and not slot.readonly:
                 perms |= UC_PROT_WRITE
-            wanted[slot.id] = MappedSlot(slot.gpa, slot.size, slot.userspace_addr, perms)
+            logged = slot.dirty_bitmap is not None
+            wanted[slot.id] = MappedSlot(slot.gpa, slot.size, slot.userspace_addr, perms, logged)
         self.slots = slots
-        self._unmap_mmio_pages()
-        for id_, old in list(self.mapped.items()):
-            if wanted.get(id_) != old:
-                self.uc.mem_unmap(old.gpa, old.size)
-                del self.mapped[id_]
-        for id_, new in wanted.items():
-            if id_ not in self.mapped:
-                self.uc.mem_map_ptr(new.gpa, new.size, new.perms, new.hva)
-                self.mapped[id_] = new
-        for slot in slots:  # dirty logging: write-protect, and note a page's first write
-            if slot.dirty_bitmap is not None and slot.id in self.mapped:
-                self.uc.mem_protect(slot.gpa, slot.size, UC_PROT_READ | UC_PROT_EXEC)
+        with self._paging_off():
+            self._unmap_mmio_pages()
+            for id_, old in list(self.mapped.items()):
+                if wanted.get(id_) != old:
+                    self.uc.mem_unmap(old.gpa, old.size)
+                    del self.mapped[id_]
+            for id_, new in wanted.items():
+                if id_ not in self.mapped:
+                    self.uc.mem_map_ptr(new.gpa, new.size, new.perms, new.hva)
+                    self.mapped[id_] = new
+            for slot in slots:  # dirty logging: write-protect, and note a page's first write
+                if slot.dirty_bitmap is not None and slot.id in self.mapped:
+                    self.uc.mem_protect(slot.gpa, slot.size, UC_PROT_READ | UC_PROT_EXEC)
         self.unbacked = unbacked
         self.generation = slots.generation
         self.code_pages.clear()
         self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+
+    @contextlib.contextmanager
+    def _paging_off(self) -> Iterator[None]:
+        """Unicorn invalidates code by walking the guest's page tables on every (un)map; those
+        tables may live in memory that is going away, so the CPU is made flat meanwhile and
+        put back exactly as it was (a raw context restore)."""
+        saved = self.uc.context_save()
+        self.uc.reg_write(UC_X86_REG_CR0, X86_CR0_PE_ONLY)
+        try:
+            yield
+        finally:
+            self.uc.context_restore(saved)
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def backing_intact(self) -> bool:
         """Is the host memory behind every mapped slot still mapped in this process?
@@ -232,6 +264,8 @@ class UcVcpu:
         return all(_msync(m.hva, m.size, MS_ASYNC) == 0 for m in self.mapped.values())
 
     def _unmap_mmio_pages(self) -> None:
+        if self.mmio_pages:
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         for page, handle in self.mmio_pages.items():
             self.uc.hook_del(handle)
             self.uc.mem_unmap(page, PAGE_SIZE)
@@ -429,11 +463,15 @@ class UcVcpu:
         `irq_window`, the guest leaves as soon as it can take an interrupt (INTERRUPT_WINDOW),
         which kvmlab finds by stepping while interrupts are masked.
         """
+        if self.pending_writes:  # the rest of a wide store, one exit each
+            self.mmio = self.pending_writes.pop(0)
+            self.rip = rip
+            return self._set_reason(EXIT_REASON_EPT_MISCONFIG)
         while True:
             if irq_window and not self.replaying:
                 self.cpu.set_rip(rip)
                 if self.interrupts_allowed():
-                    self.rip = rip
+                    self.rip, self.rflags = rip, self.cpu.read_reg(UC_X86_REG_RFLAGS)
                     return self._set_reason(EXIT_REASON_INTERRUPT_WINDOW)
             counted = self.replaying or step or irq_window
             reason = self._enter(rip, 1 if counted else RUN_FOREVER)
@@ -459,19 +497,25 @@ class UcVcpu:
                     return reason  # a read: rip stays on the instruction until the data comes
                 # A store: note it, then re-run the instruction with that store swallowed so
                 # that it retires (rip past it), as KVM's emulator writes back before exiting.
-                self._writes.append(self.mmio)
-                first = self.mmio
-                rip = self.rip  # the store's instruction (earlier ones may have run)
-                again = self._enter(rip, 1)
-                self.mmio = first
-                if again == EXIT_REASON_EPT_MISCONFIG:
-                    self.rip = rip  # more MMIO in the same instruction: report this one first
-                    self.replaying = True
+                # Wider stores come in 8-byte pieces: collect them all, then report one per exit
+                # (KVM's mmio_fragments), the first now, with rip past the instruction.
+                writes = [self.mmio]
+                rip = self.mmio_insn_rip = self.rip  # the store's instruction
+                while True:
+                    self._writes = list(writes)
+                    again = self._enter(rip, 1)
+                    if again != EXIT_REASON_EPT_MISCONFIG or not self.mmio.is_write:
+                        break
+                    writes.append(self.mmio)
+                if again == EXIT_REASON_EPT_MISCONFIG:  # a load after the stores: finish later
+                    self.mmio, self.rip, self.replaying = writes[0], rip, True
+                    self._writes = writes
                     return EXIT_REASON_EPT_MISCONFIG
                 self._end_replay()
-                if again == EXIT_REASON_MONITOR_TRAP_FLAG:  # the instruction retired
-                    return EXIT_REASON_EPT_MISCONFIG
-                return again
+                if again != EXIT_REASON_MONITOR_TRAP_FLAG:
+                    return again
+                self.mmio, self.pending_writes = writes[0], writes[1:]
+                return EXIT_REASON_EPT_MISCONFIG
             if self.replaying:
                 self._end_replay()
                 if reason == EXIT_REASON_MONITOR_TRAP_FLAG and not step:
@@ -515,7 +559,13 @@ class UcVcpu:
     def _guest_exception(self) -> int | None:
         """The guest raised an exception: deliver it as the CPU would, unless KVM wants it."""
         vector = self.exception_vector
+        if self.intercepted_db:  # a hardware breakpoint KVM asked for: before the instruction
+            self.intercepted_db = False
+            return EXIT_REASON_EXCEPTION_NMI
         software = not self._invalid_opcode and self.cpu.exception_is_int()
+        insn_len = 0
+        if software:  # rip is past INT n (CD xx), INT3 (CC) or INTO (CE)
+            insn_len = 2 if self.cpu.read_code(self.rip - 2, 1) == b"\xcd" else 1
         if vector == BP_VECTOR and software and self.intercept_bp:
             self.rip = (self.rip - 1) & 0xFFFF_FFFF_FFFF_FFFF  # VMX exits on the int3 itself
             self.cpu.set_rip(self.rip)
@@ -523,7 +573,34 @@ class UcVcpu:
         code = None
         if vector in WITH_ERROR_CODE and not software:
             code = self.cpu.exception_error_code()
-        return self.inject(Event(vector, code, software))
+        return self.inject(Event(vector, code, software, insn_len))
+
+    def set_hw_breakpoints(self, breakpoints: list[tuple[int, int]]) -> None:
+        """Instruction breakpoints (DRn index, linear address): stop before that instruction."""
+        for handle in self._breakpoint_hooks:
+            self.uc.hook_del(handle)
+        self._breakpoint_hooks = [
+            self.uc.hook_add(UC_HOOK_CODE, self._on_breakpoint, index, address, address)
+            for index, address in breakpoints
+        ]
+        self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)  # hooks are compiled into translations
+
+    def _on_breakpoint(self, uc: Uc, address: int, size: int, index: int) -> None:
+        self.exception_vector, self._invalid_opcode = 1, False
+        self.debug_dr6 = 1 << index
+        self.intercepted_db = True
+        self._stop(EXIT_REASON_EXCEPTION_NMI)
+
+    def rep_string_at(self, rip: int) -> tuple[bytes, int] | None:
+        """(prefixes, opcode) if the instruction at rip is a REP MOVS/STOS/OUTS, else None."""
+        code = self.cpu.read_code(rip, 15)
+        n = 0
+        while n < len(code) and code[n] in _PREFIXES:
+            n += 1
+        prefixes = code[:n]
+        if n < len(code) and code[n] in _REP_WRITES and any(b in _REP_PREFIXES for b in prefixes):
+            return prefixes, code[n]
+        return None
 
     def _stepped_halt(self, rip: int) -> bool:
         """Was the instruction a single step just ran a HLT? (KVM reports HLT, not DEBUG.)"""
@@ -574,6 +651,9 @@ class UcVcpu:
         # emu_start returned by itself: a kick, the end of a counted run, or HLT.
         if kicked:
             return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT)
+        if self.rflags & X86_RFLAGS_RF:  # an instruction retired: the CPU clears RF (QEMU does not)
+            self.rflags &= ~X86_RFLAGS_RF
+            self.cpu.write_reg(UC_X86_REG_RFLAGS, self.rflags)
         if count == 1:
             return self._set_reason(EXIT_REASON_MONITOR_TRAP_FLAG)
         return self._set_reason(EXIT_REASON_HLT)

@@ -55,11 +55,25 @@ class UnsupportedDeliveryError(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """What is being delivered: a vector, its error code, and whether an INT instruction made it."""
+    """What is being delivered: a vector, its error code, and where it came from.
+
+    `software`: raised by INT n / INT3 / INTO, whose length `insn_len` is needed to put rip
+    back on the instruction if the delivery itself faults. `external`: an interrupt or NMI
+    from outside the CPU, which is neither a fault nor a trap.
+    """
 
     vector: int
     error_code: int | None = None
     software: bool = False
+    insn_len: int = 0
+    external: bool = False
+
+    @property
+    def is_fault(self) -> bool:
+        """KVM's exception_type() == EXCPT_FAULT: the frame's RFLAGS image gets RF set."""
+        if self.software or self.external or self.vector >= 32:
+            return False
+        return self.vector not in (1, 3, 4, DF_VECTOR, 18)
 
 
 def is_double_fault(first: int, second: int) -> bool:
@@ -72,19 +86,33 @@ def is_double_fault(first: int, second: int) -> bool:
 
 
 def deliver(cpu: X86CpuState, event: Event) -> bool:
-    """Deliver `event` to the guest; False means it ended in a triple fault (nothing changed)."""
+    """Deliver `event` to the guest; False means it ended in a triple fault.
+
+    A triple fault leaves the registers as the last delivery found them, with RF set when a
+    fault was being delivered (KVM sets RF before it injects a fault).
+    """
     current = event
     while True:
         try:
             _deliver_once(cpu, current)
             return True
         except NestedFaultError as fault:
+            if current.software and current.insn_len:  # the INT itself faulted: rip back on it
+                cpu.set_rip(cpu.rip - current.insn_len)
             if current.vector == DF_VECTOR:
+                _set_rf(cpu)
                 return False
             if is_double_fault(current.vector, fault.vector):
                 current = Event(DF_VECTOR, 0)
             else:
                 current = Event(fault.vector, fault.error_code)
+
+
+def _set_rf(cpu: X86CpuState) -> None:
+    regs = kvm_regs()
+    cpu.get_regs(regs)
+    regs.rflags |= X86_RFLAGS_RF
+    cpu.set_regs(regs)
 
 
 def _read(cpu: X86CpuState, linear: int, size: int) -> bytes:
@@ -103,6 +131,8 @@ def _deliver_once(cpu: X86CpuState, event: Event) -> None:
     regs, sregs = kvm_regs(), kvm_sregs()
     cpu.get_regs(regs)
     cpu.get_sregs(sregs)
+    if event.is_fault:
+        regs.rflags |= X86_RFLAGS_RF  # the frame shows RF; delivery then clears it
     if not sregs.cr0 & X86_CR0_PE:
         _deliver_real(cpu, event, regs, sregs)
     elif sregs.efer & X86_EFER_LMA:
@@ -119,6 +149,7 @@ def _deliver_real(cpu: X86CpuState, event: Event, regs: kvm_regs, sregs: kvm_sre
     ip, cs = struct.unpack("<HH", _read(cpu, sregs.idt.base + vector * 4, 4))
     sp = regs.rsp & 0xFFFF
     frame = struct.pack("<HHH", regs.rip & 0xFFFF, sregs.cs.selector, regs.rflags & 0xFFFF)
+    regs.rflags &= ~X86_RFLAGS_RF
     new_sp = (sp - 6) & 0xFFFF
     _push_frame(cpu, sregs.ss.base, new_sp, frame, 0xFFFF)
     regs.rsp = (regs.rsp & ~0xFFFF) | new_sp

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn.x86_const import UC_X86_REG_RAX
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RFLAGS
 
 from kvmlab.kernel.arch.x86 import uc as vendor
 from kvmlab.kernel.arch.x86.uc import UcVcpu
@@ -50,7 +50,10 @@ from kvmlab.uapi import (
     KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_INJECT_BP,
+    KVM_GUESTDBG_INJECT_DB,
     KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP,
     KVM_GUESTDBG_USE_SW_BP,
     KVM_INTERNAL_ERROR_DELIVERY_EV,
     KVM_INTERNAL_ERROR_EMULATION,
@@ -81,6 +84,7 @@ from kvmlab.uapi import (
     X86_RFLAGS_DF,
     X86_RFLAGS_FIXED,
     X86_RFLAGS_IF,
+    X86_RFLAGS_RF,
     kvm_guest_debug,
     kvm_interrupt,
     kvm_regs,
@@ -100,6 +104,8 @@ CR4_VALID_WITHOUT_CPUID = 0x7FF
 DEFAULT_MAXPHYADDR = 36  # cpuid_maxphyaddr() when the guest has no CPUID leaf 0x80000008
 X2APIC_ENABLE = 1 << 10
 DB_VECTOR = 1
+BP_VECTOR = 3
+EPT_VIOLATION_FETCH_QUALIFICATION = 0x184  # fetch | linear address valid | translated
 NMI_VECTOR = 2
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR6_BS = 1 << 14
@@ -127,10 +133,13 @@ class KvmVcpuArch:
     complete_userspace_io: Callable[[KvmVcpu], int] | None = None
     guest_debug: int = 0  # KVM_SET_GUEST_DEBUG control, 0 unless KVM_GUESTDBG_ENABLE
     interrupt: int | None = None  # vcpu->arch.interrupt: a KVM_INTERRUPT vector to inject
+    exception: int | None = None  # a queued exception (KVM_GUESTDBG_INJECT_BP/DB)
+    guest_dr7: int = 0  # DR7 from KVM_SET_GUEST_DEBUG with USE_HW_BP
     nmi_pending: bool = False
     cui_linear_rip: int = 0
     pio_size: int = 0
     pio_next_rip: int = 0
+    rep_prefixes: bytes = b""
 
 
 @dataclass
@@ -297,8 +306,22 @@ def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> 
     """
     arch = vcpu.arch
     control = dbg.control
+    if control & (KVM_GUESTDBG_INJECT_DB | KVM_GUESTDBG_INJECT_BP):
+        if arch.exception is not None:
+            fail(errno.EBUSY)
+        arch.exception = DB_VECTOR if control & KVM_GUESTDBG_INJECT_DB else BP_VECTOR
     arch.guest_debug = control if control & KVM_GUESTDBG_ENABLE else 0
     arch.hw.intercept_bp = bool(arch.guest_debug & KVM_GUESTDBG_USE_SW_BP)
+    breakpoints = []
+    if arch.guest_debug & KVM_GUESTDBG_USE_HW_BP:
+        dr7 = dbg.arch.debugreg[7]
+        arch.guest_dr7 = dr7
+        for n in range(4):  # enabled (Ln or Gn) execution breakpoints (R/Wn = 00)
+            if dr7 & (3 << (2 * n)) and not (dr7 >> (16 + 4 * n)) & 3:
+                breakpoints.append((n, dbg.arch.debugreg[n]))
+    else:
+        arch.guest_dr7 = 0
+    arch.hw.set_hw_breakpoints(breakpoints)
 
 
 def kvm_arch_vcpu_ioctl_get_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
@@ -321,6 +344,8 @@ def kvm_arch_vcpu_ioctl_get_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
     arch.hw.cpu.get_sregs(sregs)
     sregs.cr8 = arch.cr8
     sregs.apic_base = arch.apic_base
+    if arch.interrupt is not None:  # a KVM_INTERRUPT vector not yet injected
+        sregs.interrupt_bitmap[arch.interrupt // 64] |= 1 << (arch.interrupt % 64)
 
 
 def kvm_is_valid_cr0(cr0: int) -> bool:
@@ -463,7 +488,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         hw.remember_code_at(hw.cpu.code_linear(arch.rip))
         arch.new_entry = False
     exit_reason = None
-    if arch.nmi_pending or arch.interrupt is not None:
+    if arch.nmi_pending or arch.interrupt is not None or arch.exception is not None:
         exit_reason = inject_pending_event(vcpu)
     if exit_reason is None:
         exit_reason = hw.vcpu_run(
@@ -478,15 +503,17 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
 def inject_pending_event(vcpu: KvmVcpu) -> int | None:
     """Deliver a queued NMI or KVM_INTERRUPT vector as VM entry does (IF is not checked)."""
     arch = vcpu.arch
-    if not arch.nmi_pending and arch.interrupt is None:
+    if not arch.nmi_pending and arch.interrupt is None and arch.exception is None:
         return None
     kvm_register_flush(vcpu)
-    if arch.nmi_pending:
+    if arch.exception is not None:
+        event, arch.exception = Event(arch.exception), None
+    elif arch.nmi_pending:
         arch.nmi_pending = False
-        event = Event(NMI_VECTOR)
+        event = Event(NMI_VECTOR, external=True)
     else:
         assert arch.interrupt is not None
-        event, arch.interrupt = Event(arch.interrupt), None
+        event, arch.interrupt = Event(arch.interrupt, external=True), None
     reason = arch.hw.inject(event)
     arch.rip = arch.hw.cpu.rip
     return reason
@@ -561,6 +588,8 @@ def handle_string_io(vcpu: KvmVcpu) -> int:
         run.io.direction = KVM_EXIT_IO_OUT
         run.io.count = 1
         vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = io.value.to_bytes(io.size, "little")
+        if io.rep:
+            rep_string_exit(vcpu, io.insn_rip, io.insn_rip + len(io.prefixes) + 1, io.prefixes)
         return 0
     kvm_register_flush(vcpu)
     regs, sregs = kvm_regs(), kvm_sregs()
@@ -580,6 +609,34 @@ def handle_string_io(vcpu: KvmVcpu) -> int:
     arch.pio_next_rip = io.insn_rip + len(io.prefixes) + 1
     arch.complete_userspace_io = complete_emulated_pio_ins
     return 0
+
+
+def rep_string_exit(vcpu: KvmVcpu, insn_rip: int, next_rip: int, prefixes: bytes) -> None:
+    """A REP string instruction exits after writing an element, as KVM's emulator does it:
+    rip stays on the instruction (even after the last element) with RFLAGS.RF set, and the
+    next KVM_RUN moves on only once rcx is 0."""
+    arch = vcpu.arch
+    kvm_register_flush(vcpu)
+    arch.rip, arch.rip_dirty = insn_rip, True
+    arch.rflags |= X86_RFLAGS_RF
+    arch.hw.cpu.write_reg(UC_X86_REG_RFLAGS, arch.rflags)
+    arch.pio_next_rip = next_rip
+    arch.rep_prefixes = prefixes
+    arch.complete_userspace_io = complete_rep_string
+
+
+def complete_rep_string(vcpu: KvmVcpu) -> int:
+    """Retire the REP instruction if its count ran out; otherwise the guest repeats it."""
+    arch = vcpu.arch
+    cpu = arch.hw.cpu
+    kvm_register_flush(vcpu)
+    sregs = kvm_sregs()
+    cpu.get_sregs(sregs)
+    if cpu.read_reg(UC_X86_REG_RCX) & _address_mask(sregs, 0x67 in arch.rep_prefixes) == 0:
+        arch.rflags &= ~X86_RFLAGS_RF
+        cpu.write_reg(UC_X86_REG_RFLAGS, arch.rflags)
+        kvm_rip_write(vcpu, arch.pio_next_rip)
+    return 1
 
 
 def _address_mask(sregs: kvm_sregs, override: bool) -> int:
@@ -684,6 +741,11 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     run.mmio.is_write = m.is_write
     if m.is_write:  # only len bytes are written; a read leaves data as it was
         ctypes.memmove(ctypes.addressof(run.mmio.data), m.data, m.size)
+        rep = arch.hw.rep_string_at(arch.hw.mmio_insn_rip)
+        if rep is not None:
+            prefixes, _ = rep
+            insn = arch.hw.mmio_insn_rip
+            rep_string_exit(vcpu, insn, insn + len(prefixes) + 1, prefixes)
     else:
         arch.complete_userspace_io = complete_emulated_mmio
     return 0
@@ -703,11 +765,19 @@ def kvm_emulate_halt(vcpu: KvmVcpu) -> int:
 
 
 def handle_emulation_failure(vcpu: KvmVcpu) -> int:
-    """Code fetched from where no memory slot is: KVM's emulator gives up (suberror 1)."""
+    """Code fetched from where no memory slot is: KVM's emulator gives up (suberror 1).
+
+    prepare_emulation_failure_exit: data[0] = flags (no instruction bytes: nothing could be
+    fetched), then VMX's exit information: an EPT violation (48) on an instruction fetch with
+    a valid, translated linear address (qualification 0x184).
+    """
     run: Any = vcpu.run
     run.exit_reason = KVM_EXIT_INTERNAL_ERROR
     run.internal.suberror = KVM_INTERNAL_ERROR_EMULATION
-    run.internal.ndata = 0
+    data = (0, vendor.EXIT_REASON_EPT_VIOLATION, EPT_VIOLATION_FETCH_QUALIFICATION, 0, 0, 0)
+    run.internal.ndata = len(data)
+    for i, word in enumerate(data):
+        run.internal.data[i] = word
     return 0
 
 
@@ -716,10 +786,11 @@ def handle_exception_nmi(vcpu: KvmVcpu) -> int:
     arch = vcpu.arch
     run: Any = vcpu.run
     run.exit_reason = KVM_EXIT_DEBUG
-    run.debug.arch.exception = arch.hw.exception_vector
+    vector = arch.hw.exception_vector
+    run.debug.arch.exception = vector
     run.debug.arch.pc = arch.hw.cpu.code_linear(arch.rip)
-    run.debug.arch.dr6 = DR6_ACTIVE_LOW
-    run.debug.arch.dr7 = DR7_FIXED_1
+    run.debug.arch.dr6 = DR6_ACTIVE_LOW | (arch.hw.debug_dr6 if vector == DB_VECTOR else 0)
+    run.debug.arch.dr7 = DR7_FIXED_1 | arch.guest_dr7
     return 0
 
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from . import (  # noqa: F401 (imported for their @scenario registrations)
     scenarios_code,
+    scenarios_debug,
+    scenarios_dirty,
     scenarios_exits,
+    scenarios_faults,
     scenarios_guests,
     scenarios_ioctl,
+    scenarios_irq,
     scenarios_memslot,
+    scenarios_mmio,
     scenarios_vcpu_state,
 )
 from .registry import SCENARIOS, Scenario

@@ -13,26 +13,47 @@ Each call has the signature and the failure mode (OSError with the kernel's errn
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import errno
 import fcntl
 import mmap as _mmap
 import os
 from typing import Any
 
 from kvmlab.kernel import fs, signals
-from kvmlab.kernel.arch.x86.x86 import X86
-from kvmlab.kernel.kvm_main import kvm_init
+from kvmlab.kernel.arch.x86.x86 import vmx_exit, vmx_init
+from kvmlab.kernel.kvm_main import KvmVcpu
 
 name = "sim"
+DEV_KVM = "/dev/kvm"
 _FCNTL_BUFSZ = 1024  # fcntl.ioctl's bounce buffer for immutable and small arguments
 _ULONG = (1 << 64) - 1
 
-kvm_init(X86())
+vmx_init()  # the kvm module is loaded when kvmlab.sys is imported
+
+
+def modprobe() -> None:
+    """Load the simulated kvm module (vmx_init -> kvm_init -> misc_register) if it is not."""
+    if DEV_KVM not in fs.misc_devices:
+        vmx_init()
+
+
+def rmmod() -> None:
+    """Unload it: /dev/kvm disappears (open gives ENOENT). Like `rmmod kvm_intel`, this fails
+    with EBUSY while the module is in use (a /dev/kvm, VM or vCPU fd is open)."""
+    if fs.fd_table:
+        raise OSError(errno.EBUSY, "kvm module is in use")
+    if DEV_KVM in fs.misc_devices:
+        vmx_exit()
 
 
 def open(path: str, flags: int, mode: int = 0o777) -> int:
     """os.open: a registered device (/dev/kvm) opens the simulated one; anything else is real."""
-    misc = fs.misc_devices.get(os.path.normpath(path))
+    path = os.path.normpath(path)
+    misc = fs.misc_devices.get(path)
     if misc is None:
+        if path == DEV_KVM:  # never the host's: the simulated module is just not loaded
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return os.open(path, flags, mode)
     signals.start_signal_watcher()  # from the main thread, where programs open /dev/kvm
     return fs.anon_inode_getfd(misc.name, misc.fops, None)
@@ -86,6 +107,18 @@ def mmap(
     if file is not None:
         file.f_op.mmap(file, length, offset)
     return _mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
+
+
+def stats(fd: int) -> dict[str, int]:
+    """A vCPU's counters (struct kvm_vcpu_stat: exits, io_exits, mmio_exits, halt_exits, ...).
+
+    Not a syscall: the host shows the same counters through KVM_GET_STATS_FD and debugfs.
+    """
+    file = fs.fdget(fd)
+    vcpu = getattr(file, "private_data", None)
+    if file is None or not isinstance(vcpu, KvmVcpu):
+        raise OSError(errno.EBADF, "not a kvmlab vCPU fd")
+    return dataclasses.asdict(vcpu.stat)
 
 
 def close(fd: int) -> None:

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kvmlab.kernel.trace import traced
 from kvmlab.kernel.uaccess import fail
 
 
@@ -60,6 +61,7 @@ fd_table: dict[int, File] = {}
 misc_devices: dict[str, MiscDevice] = {}
 
 
+@traced(args=lambda misc: {"name": misc.path})
 def misc_register(misc: MiscDevice) -> None:
     """Make `misc.path` openable; EBUSY if the node is taken."""
     with _lock:
@@ -68,11 +70,13 @@ def misc_register(misc: MiscDevice) -> None:
         misc_devices[misc.path] = misc
 
 
+@traced(args=lambda misc: {"name": misc.path})
 def misc_deregister(misc: MiscDevice) -> None:
     with _lock:
         misc_devices.pop(misc.path, None)
 
 
+@traced(args=lambda name, fops, private_data, size=0: {"name": name})
 def anon_inode_getfd(name: str, fops: FileOperations, private_data: Any, size: int = 0) -> int:
     """Create a file named `anon_inode:<name>` on the host and install it: returns its fd.
 

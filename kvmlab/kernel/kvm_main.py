@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvmlab.kernel import fs, signals
@@ -24,6 +25,7 @@ from kvmlab.kernel.memslots import (
     KvmMemslots,
     set_memory_region,
 )
+from kvmlab.kernel.trace import note, traced
 from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
 from kvmlab.uapi import (
     KVM_API_VERSION,
@@ -44,6 +46,7 @@ from kvmlab.uapi import (
     KVM_RUN,
     KVM_SET_USER_MEMORY_REGION,
     KVMIO,
+    ioctl_name,
     kvm_dirty_log,
     kvm_mp_state,
     kvm_userspace_memory_region,
@@ -100,6 +103,20 @@ class Kvm:
         return None
 
 
+@dataclass
+class KvmVcpuStat:
+    """struct kvm_vcpu_stat: what the host shows in debugfs and KVM_GET_STATS_FD."""
+
+    exits: int = 0  # every return from the guest
+    io_exits: int = 0
+    mmio_exits: int = 0
+    halt_exits: int = 0
+    irq_window_exits: int = 0
+    signal_exits: int = 0
+    request_irq_exits: int = 0
+    insn_emulation_fail: int = 0
+
+
 class KvmVcpu:
     """struct kvm_vcpu: one virtual CPU and its shared `kvm_run` page."""
 
@@ -114,6 +131,7 @@ class KvmVcpu:
         self.run_map = _NO_MAPPING  # the kvm_run pages, mapped by create_vcpu_fd
         self.run: Any = None  # struct kvm_run over run_map
         self.arch: Any = None  # struct kvm_vcpu_arch
+        self.stat = KvmVcpuStat()
 
 
 vm_list: list[Kvm] = []
@@ -124,20 +142,24 @@ kvm_arch_ops: KvmArch | None = None
 # --- reference counting ---------------------------------------------------------------------
 
 
+@traced()
 def kvm_get_kvm(kvm: Kvm) -> None:
-    with kvm.lock:
-        kvm.users_count += 1
+    kvm.users_count += 1  # callers hold kvm->lock or own a reference already
+    note("users_count", users_count=kvm.users_count)
 
 
+@traced()
 def kvm_put_kvm(kvm: Kvm) -> None:
     """Drop a reference; the last one destroys the VM."""
     with kvm.lock:
         kvm.users_count -= 1
         last = kvm.users_count == 0
+    note("users_count", users_count=kvm.users_count)
     if last:
         kvm_destroy_vm(kvm)
 
 
+@traced()
 def kvm_destroy_vm(kvm: Kvm) -> None:
     """Take the VM off vm_list, destroy its vCPUs (kvm_arch_destroy_vm) and free its slots."""
     with _vm_list_lock:
@@ -185,6 +207,7 @@ def _arch() -> KvmArch:
     return kvm_arch_ops
 
 
+@traced(args=lambda cmd, arg: {"cmd": ioctl_name(cmd), "arg": arg})
 def kvm_dev_ioctl(cmd: int, arg: int) -> int:
     """The ioctls of /dev/kvm: API version, VM creation, capabilities, the vCPU mmap size."""
     arch = _arch()
@@ -203,11 +226,13 @@ def kvm_dev_ioctl(cmd: int, arg: int) -> int:
     fail(errno.EINVAL)  # kvm_arch_dev_ioctl's default
 
 
+@traced(args=lambda type_: {"type": type_})
 def kvm_dev_ioctl_create_vm(type_: int) -> int:
     kvm = kvm_create_vm(type_)
     return fs.anon_inode_getfd("kvm-vm", KVM_VM_FOPS, kvm)
 
 
+@traced(args=lambda type_: {"type": type_})
 def kvm_create_vm(type_: int) -> Kvm:
     """Allocate a VM owned by this process, let the arch check `type_`, add it to vm_list."""
     arch = _arch()
@@ -218,6 +243,7 @@ def kvm_create_vm(type_: int) -> Kvm:
     return kvm
 
 
+@traced(args=lambda kvm, cap: {"cap": cap})
 def kvm_vm_ioctl_check_extension_generic(kvm: Kvm | None, cap: int) -> int:
     """KVM_CHECK_EXTENSION: generic capabilities here, the rest from the arch; unknown → 0."""
     if cap in (
@@ -253,9 +279,11 @@ class KvmVmFops:
         kvm_put_kvm(file.private_data)
 
 
+@traced(args=lambda kvm, cmd, arg: {"cmd": ioctl_name(cmd)})
 def kvm_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
     """The ioctls of a VM fd; anything unknown goes to kvm_arch_vm_ioctl (ENOTTY on x86)."""
     if kvm.mm != os.getpid() or kvm.vm_dead:
+        note("kvm->mm != current->mm: another process", mm=kvm.mm, current=os.getpid())
         fail(errno.EIO)
     if cmd == KVM_CREATE_VCPU:
         return kvm_vm_ioctl_create_vcpu(kvm, arg)
@@ -271,6 +299,7 @@ def kvm_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
     return kvm.arch_ops.kvm_arch_vm_ioctl(kvm, cmd, arg)
 
 
+@traced(args=lambda kvm, log: {"slot": log.slot})
 def kvm_vm_ioctl_get_dirty_log(kvm: Kvm, log: kvm_dirty_log) -> None:
     """kvm_get_dirty_log_protect: hand out the slot's dirty bitmap, clear it, re-protect.
 
@@ -291,6 +320,9 @@ def kvm_vm_ioctl_get_dirty_log(kvm: Kvm, log: kvm_dirty_log) -> None:
         slots.generation += 1
 
 
+@traced(
+    args=lambda kvm, mem: {"slot": mem.slot, "gpa": mem.guest_phys_addr, "size": mem.memory_size}
+)
 def kvm_vm_ioctl_set_memory_region(kvm: Kvm, mem: kvm_userspace_memory_region) -> None:
     if mem.slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
         fail(errno.EINVAL)
@@ -298,26 +330,30 @@ def kvm_vm_ioctl_set_memory_region(kvm: Kvm, mem: kvm_userspace_memory_region) -
         set_memory_region(kvm.memslots, mem)
 
 
+@traced(args=lambda kvm, id_: {"id": id_})
 def kvm_vm_ioctl_create_vcpu(kvm: Kvm, id_: int) -> int:
     """KVM_CREATE_VCPU, check by check: the id, the vCPU limit, duplicates; then the fd."""
     arch = kvm.arch_ops
+    note("id >= KVM_MAX_VCPU_IDS?", id=id_, KVM_MAX_VCPU_IDS=arch.KVM_MAX_VCPU_IDS)
     if id_ >= arch.KVM_MAX_VCPU_IDS:
         fail(errno.EINVAL)
     with kvm.lock:
+        note("created_vcpus >= max_vcpus?", created_vcpus=kvm.created_vcpus)
         if kvm.created_vcpus >= kvm.max_vcpus:
             fail(errno.EINVAL)
         arch.kvm_arch_vcpu_precreate(kvm, id_)
         kvm.created_vcpus += 1
     try:
-        vcpu = KvmVcpu(kvm, id_)
+        vcpu = KvmVcpu(kvm, id_)  # kvm_vcpu_init
         arch.kvm_arch_vcpu_create(vcpu)
         try:
             with kvm.lock:
+                note("kvm_get_vcpu_by_id: is the id taken?", id=id_)
                 if kvm.kvm_get_vcpu_by_id(id_) is not None:
                     fail(errno.EEXIST)
                 vcpu.vcpu_idx = kvm.online_vcpus
                 kvm.vcpu_array.append(vcpu)
-                kvm.users_count += 1  # kvm_get_kvm
+                kvm_get_kvm(kvm)
                 try:
                     fd = create_vcpu_fd(vcpu)
                 except BaseException:
@@ -325,6 +361,7 @@ def kvm_vm_ioctl_create_vcpu(kvm: Kvm, id_: int) -> int:
                     kvm.vcpu_array.remove(vcpu)
                     raise
                 kvm.online_vcpus += 1
+                note("online_vcpus++", online_vcpus=kvm.online_vcpus)
         except BaseException:
             arch.kvm_arch_vcpu_destroy(vcpu)
             raise
@@ -335,6 +372,7 @@ def kvm_vm_ioctl_create_vcpu(kvm: Kvm, id_: int) -> int:
     return fd
 
 
+@traced(args=lambda vcpu: {"name": f"kvm-vcpu:{vcpu.vcpu_id}"})
 def create_vcpu_fd(vcpu: KvmVcpu) -> int:
     """anon_inode_getfd("kvm-vcpu:N"): its memfd holds the kvm_run page and the PIO page."""
     arch = vcpu.kvm.arch_ops
@@ -374,10 +412,12 @@ class KvmVcpuFops:
         kvm_put_kvm(file.private_data.kvm)
 
 
+@traced(args=lambda vcpu, cmd, arg: {"vcpu": vcpu.vcpu_id, "cmd": ioctl_name(cmd)})
 def kvm_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     """The ioctls of a vCPU fd, under vcpu->mutex; unknown ones are EINVAL."""
     kvm = vcpu.kvm
     if kvm.mm != os.getpid() or kvm.vm_dead:
+        note("kvm->mm != current->mm: another process", mm=kvm.mm, current=os.getpid())
         fail(errno.EIO)
     if (cmd >> 8) & 0xFF != KVMIO:  # _IOC_TYPE(cmd)
         fail(errno.EINVAL)
@@ -385,7 +425,9 @@ def kvm_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
         if cmd == KVM_RUN:
             if arg:
                 fail(errno.EINVAL)
-            vcpu.pid = threading.get_ident()
+            if vcpu.pid != threading.get_ident():  # kvm_arch_vcpu_run_pid_change
+                note("vcpu->pid changes", thread=threading.current_thread().name)
+                vcpu.pid = threading.get_ident()
             signals.enter_kvm_run(vcpu)
             try:
                 return kvm.arch_ops.kvm_arch_vcpu_ioctl_run(vcpu)
@@ -404,6 +446,7 @@ KVM_CHARDEV_OPS = KvmChardevOps()
 kvm_dev = fs.MiscDevice(KVM_MINOR, "kvm", KVM_CHARDEV_OPS)
 
 
+@traced()
 def kvm_init(arch: KvmArch) -> None:
     """Module load: install the arch's ops, then misc_register(&kvm_dev) — /dev/kvm appears last."""
     global kvm_arch_ops
@@ -411,6 +454,7 @@ def kvm_init(arch: KvmArch) -> None:
     fs.misc_register(kvm_dev)
 
 
+@traced()
 def kvm_exit() -> None:
     """Module unload: /dev/kvm disappears first."""
     global kvm_arch_ops

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
+from kvmlab.kernel.trace import note, traced
 from kvmlab.kernel.uaccess import access_ok, fail
 from kvmlab.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, kvm_userspace_memory_region
 
@@ -90,6 +91,7 @@ def check_memory_region_flags(mem: kvm_userspace_memory_region) -> None:
         fail(errno.EINVAL)
 
 
+@traced("__kvm_set_memory_region")
 def set_memory_region(
     memslots: list[KvmMemslots], mem: kvm_userspace_memory_region
 ) -> MemoryChange | None:
@@ -114,6 +116,7 @@ def set_memory_region(
     if mem.memory_size == 0:
         if old is None:
             fail(errno.EINVAL)
+        note(MemoryChange.DELETE.value, slot=id_)
         del slots.slots[id_]
         slots.generation += 1
         return MemoryChange.DELETE
@@ -134,7 +137,9 @@ def set_memory_region(
         elif mem.flags != old.flags:
             change = MemoryChange.FLAGS_ONLY
         else:
+            note("nothing to change", slot=id_)
             return None
+    note(change.value, slot=id_, base_gfn=base_gfn, npages=npages)
     if change in (MemoryChange.CREATE, MemoryChange.MOVE):
         if slots.overlaps(id_, base_gfn, base_gfn + npages):
             fail(errno.EEXIST)

@@ -63,6 +63,7 @@ from kvmlab.kernel.arch.x86.uc_events import (
     deliver,
 )
 from kvmlab.kernel.memslots import PAGE_SIZE, KvmMemslots
+from kvmlab.kernel.trace import traced
 from kvmlab.kernel.uaccess import user_range_access
 
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h), reused as the engine's exit codes.
@@ -84,6 +85,11 @@ X86_CR0_PE_ONLY = 1  # protected mode, no paging: addresses are physical
 EXIT_REASON_EPT_VIOLATION = 48  # no memory behind a fetch: KVM's emulator gives up
 EXIT_REASON_EPT_MISCONFIG = 49  # an access to a GPA with no slot: MMIO, as KVM marks it
 
+VMX_EXIT_NAMES = {
+    value: name.removeprefix("EXIT_REASON_")
+    for name, value in dict(globals()).items()
+    if name.startswith("EXIT_REASON_") and isinstance(value, int)
+}
 RUN_FOREVER = 1 << 62  # the count that keeps Unicorn's per-instruction exit check armed
 PAGE_MASK = ~(PAGE_SIZE - 1) & (2**64 - 1)
 _REP_PREFIXES = (0xF2, 0xF3)
@@ -456,6 +462,7 @@ class UcVcpu:
             self.cpu.interrupt_shadow()
         )
 
+    @traced("vmx_vcpu_run", args=lambda self, rip, step=False, irq_window=False: {"rip": rip})
     def vcpu_run(self, rip: int, step: bool = False, irq_window: bool = False) -> int:
         """Run the guest from `rip` until something needs the hypervisor; return the reason.
 

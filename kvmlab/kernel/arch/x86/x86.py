@@ -18,10 +18,12 @@ from typing import Any
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RFLAGS
 
 from kvmlab.kernel.arch.x86 import uc as vendor
-from kvmlab.kernel.arch.x86.uc import UcVcpu
+from kvmlab.kernel.arch.x86.cpu_state import context_layout
+from kvmlab.kernel.arch.x86.uc import VMX_EXIT_NAMES, UcVcpu
 from kvmlab.kernel.arch.x86.uc_events import Event
-from kvmlab.kernel.kvm_main import Kvm, KvmVcpu
+from kvmlab.kernel.kvm_main import Kvm, KvmVcpu, kvm_exit, kvm_init
 from kvmlab.kernel.signals import signal_pending
+from kvmlab.kernel.trace import traced
 from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
 from kvmlab.uapi import (
     APIC_DEFAULT_PHYS_BASE,
@@ -173,6 +175,7 @@ def kvm_register_flush(vcpu: KvmVcpu) -> None:
 # --- VM ---------------------------------------------------------------------------------------
 
 
+@traced(args=lambda kvm, type_: {"type": type_})
 def kvm_arch_init_vm(kvm: Kvm, type_: int) -> None:
     if type_ != KVM_X86_DEFAULT_VM:  # kvm_is_vm_type_supported: only the default type here
         fail(errno.EINVAL)
@@ -223,20 +226,24 @@ def kvm_vm_ioctl_set_tss_addr(kvm: Kvm, addr: int) -> int:
 # --- vCPU creation and reset ------------------------------------------------------------------
 
 
+@traced(args=lambda kvm, id_: {"id": id_})
 def kvm_arch_vcpu_precreate(kvm: Kvm, id_: int) -> None:
     """x86 has nothing more to refuse here (max_vcpu_ids equals KVM_MAX_VCPU_IDS)."""
 
 
+@traced()
 def kvm_arch_vcpu_create(vcpu: KvmVcpu) -> None:
     vcpu.arch = KvmVcpuArch(hw=UcVcpu())
     kvm_vcpu_reset(vcpu, init_event=False)
 
 
+@traced()
 def kvm_arch_vcpu_destroy(vcpu: KvmVcpu) -> None:
     if vcpu.arch is not None:
         vcpu.arch.hw.close()
 
 
+@traced(args=lambda vcpu, init_event: {"init_event": init_event})
 def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
     """The architectural power-on state: real mode, CS:IP = f000:fff0, first fetch at 4G-16."""
     arch = vcpu.arch
@@ -292,6 +299,7 @@ def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     fail(errno.EINVAL)
 
 
+@traced(args=lambda vcpu, irq: {"irq": irq.irq})
 def kvm_vcpu_ioctl_interrupt(vcpu: KvmVcpu, irq: kvm_interrupt) -> None:
     """Queue an external interrupt vector; without an in-kernel PIC a second one overwrites."""
     if irq.irq >= KVM_NR_INTERRUPTS:
@@ -299,6 +307,7 @@ def kvm_vcpu_ioctl_interrupt(vcpu: KvmVcpu, irq: kvm_interrupt) -> None:
     vcpu.arch.interrupt = irq.irq
 
 
+@traced(args=lambda vcpu, dbg: {"control": dbg.control})
 def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> None:
     """Debug control from a debugger: single-step is what kvmlab implements so far.
 
@@ -324,11 +333,13 @@ def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> 
     arch.hw.set_hw_breakpoints(breakpoints)
 
 
+@traced()
 def kvm_arch_vcpu_ioctl_get_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
     kvm_register_flush(vcpu)
     vcpu.arch.hw.cpu.get_regs(regs)
 
 
+@traced(args=lambda vcpu, regs: {"rip": regs.rip})
 def kvm_arch_vcpu_ioctl_set_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
     """__set_regs: every register as given, except that RFLAGS bit 1 always reads as 1."""
     arch = vcpu.arch
@@ -338,6 +349,7 @@ def kvm_arch_vcpu_ioctl_set_regs(vcpu: KvmVcpu, regs: kvm_regs) -> None:
     arch.new_entry = True
 
 
+@traced()
 def kvm_arch_vcpu_ioctl_get_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
     arch = vcpu.arch
     kvm_register_flush(vcpu)
@@ -379,6 +391,7 @@ def kvm_set_apic_base_valid(value: int) -> bool:
     return not value & reserved
 
 
+@traced(args=lambda vcpu, s: {"cr0": s.cr0, "efer": s.efer})
 def kvm_arch_vcpu_ioctl_set_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
     """__set_sregs: validate, then load; VMX details (accessed bit, unusable) as on hardware."""
     arch = vcpu.arch
@@ -428,6 +441,7 @@ assert kvm_run.kvm_valid_regs.offset == 288 and kvm_run.ready_for_interrupt_inje
 assert kvm_run.io.offset == 32 and kvm_run.cr8.offset == 16
 
 
+@traced()
 def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
     """KVM_RUN: finish the last exit's IO, then run until the next exit userspace must see."""
     shared = vcpu.run_map
@@ -457,6 +471,7 @@ def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
     return 0
 
 
+@traced()
 def vcpu_run(vcpu: KvmVcpu) -> None:
     """Enter the guest again and again until an exit must go to userspace (or a signal)."""
     run: Any = vcpu.run
@@ -465,13 +480,16 @@ def vcpu_run(vcpu: KvmVcpu) -> None:
         if vcpu_enter_guest(vcpu) <= 0:
             return
         if vcpu.run_map[0] and kvm_vcpu_ready_for_interrupt_injection(vcpu):
+            vcpu.stat.request_irq_exits += 1
             run.exit_reason = KVM_EXIT_IRQ_WINDOW_OPEN
             return
         if signal_pending(vcpu):
+            vcpu.stat.signal_exits += 1
             run.exit_reason = KVM_EXIT_INTR  # kvm_handle_signal_exit
             fail(errno.EINTR)
 
 
+@traced()
 def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     """One trip into the guest and back: >0 means re-enter, 0 means exit to userspace."""
     arch = vcpu.arch
@@ -497,9 +515,11 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
             irq_window=bool(vcpu.run_map[0]) and arch.interrupt is None,
         )
     arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
+    vcpu.stat.exits += 1
     return handle_exit(vcpu, exit_reason)
 
 
+@traced()
 def inject_pending_event(vcpu: KvmVcpu) -> int | None:
     """Deliver a queued NMI or KVM_INTERRUPT vector as VM entry does (IF is not checked)."""
     arch = vcpu.arch
@@ -519,6 +539,10 @@ def inject_pending_event(vcpu: KvmVcpu) -> int | None:
     return reason
 
 
+@traced(
+    "vmx_handle_exit",
+    args=lambda vcpu, exit_reason: {"exit_reason": VMX_EXIT_NAMES.get(exit_reason, exit_reason)},
+)
 def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
     """vmx_handle_exit: dispatch on the hardware exit reason."""
     if exit_reason == vendor.EXIT_REASON_IO_INSTRUCTION:
@@ -528,6 +552,7 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
     if exit_reason == vendor.EXIT_REASON_MONITOR_TRAP_FLAG:
         return kvm_vcpu_do_singlestep(vcpu)  # one instruction retired under single-step
     if exit_reason == vendor.EXIT_REASON_INTERRUPT_WINDOW:
+        vcpu.stat.irq_window_exits += 1
         return 1  # handle_interrupt_window: vcpu_run then reports IRQ_WINDOW_OPEN
     if exit_reason == vendor.EXIT_REASON_TRIPLE_FAULT:
         vcpu.run.exit_reason = KVM_EXIT_SHUTDOWN  # handle_triple_fault
@@ -545,6 +570,7 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
     return handle_exception_nmi(vcpu)
 
 
+@traced()
 def handle_io(vcpu: KvmVcpu) -> int:
     """IN/OUT: KVM's fast PIO path. The exit reports the instruction as not yet executed; the
     next KVM_RUN retires it (complete_fast_pio_in/out), unless userspace moved rip."""
@@ -554,6 +580,7 @@ def handle_io(vcpu: KvmVcpu) -> int:
         return handle_string_io(vcpu)
     shared = vcpu.run_map
     size = io.size
+    vcpu.stat.io_exits += 1
     _RUN_EXIT_REASON.pack_into(shared, 8, KVM_EXIT_IO)
     _RUN_IO.pack_into(shared, 32, not io.is_in, size, io.port, 1, PIO_DATA_OFFSET)
     arch.cui_linear_rip = arch.rip = io.insn_rip
@@ -569,6 +596,7 @@ def handle_io(vcpu: KvmVcpu) -> int:
     return 0
 
 
+@traced("kvm_emulate_instruction")
 def handle_string_io(vcpu: KvmVcpu) -> int:
     """OUTS and INS go through KVM's instruction emulator.
 
@@ -580,6 +608,7 @@ def handle_string_io(vcpu: KvmVcpu) -> int:
     arch = vcpu.arch
     io = arch.hw.io
     run: Any = vcpu.run
+    vcpu.stat.io_exits += 1
     run.exit_reason = KVM_EXIT_IO
     run.io.size = io.size
     run.io.port = io.port
@@ -625,6 +654,7 @@ def rep_string_exit(vcpu: KvmVcpu, insn_rip: int, next_rip: int, prefixes: bytes
     arch.complete_userspace_io = complete_rep_string
 
 
+@traced("complete_emulated_pio")
 def complete_rep_string(vcpu: KvmVcpu) -> int:
     """Retire the REP instruction if its count ran out; otherwise the guest repeats it."""
     arch = vcpu.arch
@@ -649,6 +679,7 @@ def _address_mask(sregs: kvm_sregs, override: bool) -> int:
     return (1 << bits) - 1
 
 
+@traced()
 def complete_emulated_pio_ins(vcpu: KvmVcpu) -> int:
     """Store the INS data at ES:rdi, step rdi (and rcx for REP), and retire it when done."""
     arch = vcpu.arch
@@ -680,6 +711,7 @@ def complete_emulated_pio_ins(vcpu: KvmVcpu) -> int:
     return 1
 
 
+@traced()
 def complete_fast_pio_out(vcpu: KvmVcpu) -> int:
     """Retire the OUT: skip it, unless userspace moved rip meanwhile."""
     arch = vcpu.arch
@@ -709,6 +741,7 @@ def kvm_vcpu_do_singlestep(vcpu: KvmVcpu) -> int:
     return 0
 
 
+@traced()
 def complete_fast_pio_in(vcpu: KvmVcpu) -> int:
     """Retire the IN with userspace's data: merge below 4 bytes, zero-extend at 4, skip it."""
     arch = vcpu.arch
@@ -726,6 +759,7 @@ def complete_fast_pio_in(vcpu: KvmVcpu) -> int:
     return kvm_skip_emulated_instruction(vcpu, arch.pio_next_rip)
 
 
+@traced()
 def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     """An access where no memory slot is: KVM_EXIT_MMIO.
 
@@ -735,6 +769,7 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     arch = vcpu.arch
     m = arch.hw.mmio
     run: Any = vcpu.run
+    vcpu.stat.mmio_exits += 1
     run.exit_reason = KVM_EXIT_MMIO
     run.mmio.phys_addr = m.gpa
     run.mmio.len = m.size
@@ -751,6 +786,7 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     return 0
 
 
+@traced()
 def complete_emulated_mmio(vcpu: KvmVcpu) -> int:
     """Hand userspace's bytes to the read that is waiting for them."""
     run: Any = vcpu.run
@@ -758,12 +794,15 @@ def complete_emulated_mmio(vcpu: KvmVcpu) -> int:
     return 1
 
 
+@traced()
 def kvm_emulate_halt(vcpu: KvmVcpu) -> int:
     """HLT without an in-kernel local APIC: rip is already past it; userspace decides."""
     vcpu.run.exit_reason = KVM_EXIT_HLT
+    vcpu.stat.halt_exits += 1
     return 0
 
 
+@traced()
 def handle_emulation_failure(vcpu: KvmVcpu) -> int:
     """Code fetched from where no memory slot is: KVM's emulator gives up (suberror 1).
 
@@ -772,6 +811,7 @@ def handle_emulation_failure(vcpu: KvmVcpu) -> int:
     a valid, translated linear address (qualification 0x184).
     """
     run: Any = vcpu.run
+    vcpu.stat.insn_emulation_fail += 1
     run.exit_reason = KVM_EXIT_INTERNAL_ERROR
     run.internal.suberror = KVM_INTERNAL_ERROR_EMULATION
     data = (0, vendor.EXIT_REASON_EPT_VIOLATION, EPT_VIOLATION_FETCH_QUALIFICATION, 0, 0, 0)
@@ -781,6 +821,7 @@ def handle_emulation_failure(vcpu: KvmVcpu) -> int:
     return 0
 
 
+@traced()
 def handle_exception_nmi(vcpu: KvmVcpu) -> int:
     """An intercepted guest exception: #BP under KVM_GUESTDBG_USE_SW_BP is KVM_EXIT_DEBUG."""
     arch = vcpu.arch
@@ -830,6 +871,7 @@ def store_regs(vcpu: KvmVcpu) -> None:
         kvm_arch_vcpu_ioctl_get_sregs(vcpu, run.s.regs.sregs)
 
 
+@traced()
 def post_kvm_run_save(vcpu: KvmVcpu) -> None:
     """Tell userspace, in kvm_run, about IF, CR8, the APIC base and whether it may inject."""
     arch = vcpu.arch
@@ -866,3 +908,31 @@ class X86:
     kvm_arch_vcpu_ioctl = staticmethod(kvm_arch_vcpu_ioctl)
     kvm_arch_vcpu_ioctl_run = staticmethod(kvm_arch_vcpu_ioctl_run)
     kvm_arch_vcpu_ioctl_get_mpstate = staticmethod(kvm_arch_vcpu_ioctl_get_mpstate)
+
+
+# --- module load and unload -------------------------------------------------------------------
+
+
+@traced()
+def vmx_init() -> None:
+    """module_init of the vendor module (kvm-intel; here the Unicorn CPU): set the CPU up,
+    then hand the ops to kvm_init, whose last step makes /dev/kvm appear."""
+    kvm_x86_vendor_init()
+    kvm_init(X86())
+
+
+@traced()
+def kvm_x86_vendor_init() -> None:
+    vmx_hardware_setup()
+
+
+@traced()
+def vmx_hardware_setup() -> None:
+    """Find where Unicorn keeps the hidden CPU state; an unknown Unicorn fails loudly here."""
+    context_layout()
+
+
+@traced()
+def vmx_exit() -> None:
+    """module_exit: /dev/kvm disappears; VMs still open keep working until closed."""
+    kvm_exit()

@@ -121,6 +121,16 @@ def stats(fd: int) -> dict[str, int]:
     return dataclasses.asdict(vcpu.stat)
 
 
+def fd_names() -> dict[int, str]:
+    """The simulated fds of this process by the name /proc/self/fd gives them on the host
+    (`anon_inode:kvm-vm`, `anon_inode:kvm-vcpu:0`, `/dev/kvm`); the memfds behind them show
+    as `memfd:kvm-vm` in the real /proc."""
+    return {
+        fd: "/dev/kvm" if file.name == "kvm" else f"anon_inode:{file.name}"
+        for fd, file in sorted(fs.fd_table.items())
+    }
+
+
 def close(fd: int) -> None:
     """os.close."""
     if fs.fdget(fd) is None:

@@ -201,6 +201,39 @@ def test_tracing_off_leaves_the_plain_functions_in_place() -> None:
     assert not trace.active
 
 
+def test_create_vcpu_from_another_process_stops_at_the_mm_check(kvm_fd: int) -> None:
+    vm = k.ioctl(kvm_fd, KVM_CREATE_VM, 0)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its mm is not the VM's
+        rec = record(lambda: k.ioctl(vm, KVM_CREATE_VCPU, 0))
+        os.write(write_end, rec.tree().encode())
+        os._exit(0)
+    os.close(write_end)
+    tree = b""
+    while chunk := os.read(read_end, 4096):
+        tree += chunk
+    os.waitpid(pid, 0)
+    lines = tree.decode().splitlines()
+    assert lines[0] == "-> kvm_vm_ioctl(cmd=KVM_CREATE_VCPU)"
+    assert lines[1].strip().startswith("kvm->mm != current->mm")
+    assert lines[2] == "<- kvm_vm_ioctl: EIO"
+    k.close(vm)
+
+
+def test_fd_names_are_the_hosts_anon_inode_names(kvm_fd: int) -> None:
+    vm = k.ioctl(kvm_fd, KVM_CREATE_VM, 0)
+    vcpu = k.ioctl(vm, KVM_CREATE_VCPU, 3)
+    names = k.fd_names()
+    assert (names[kvm_fd], names[vm], names[vcpu]) == (
+        "/dev/kvm",
+        "anon_inode:kvm-vm",
+        "anon_inode:kvm-vcpu:3",
+    )
+    k.close(vcpu)
+    k.close(vm)
+
+
 def test_a_recording_renders_as_json_and_a_table(kvm_fd: int) -> None:
     rec = record(lambda: k.ioctl(kvm_fd, KVM_CREATE_VM, 99))
     rows = rec.table()

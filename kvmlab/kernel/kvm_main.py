@@ -78,6 +78,33 @@ class KvmArch(Protocol):
     def kvm_arch_vcpu_ioctl_get_mpstate(self, vcpu: KvmVcpu) -> int: ...
 
 
+class GuestLock:
+    """One vCPU of a VM inside the guest at a time.
+
+    Each vCPU has its own Unicorn engine, and a `lock`-prefixed instruction is atomic only
+    within one engine, so vCPUs on shared memory take turns. A vCPU that waits longer than a
+    slice kicks the one inside out of the guest (it re-enters at once, as after an interrupt):
+    a guest spinning forever cannot starve the others.
+    """
+
+    SLICE = 0.01  # seconds
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: Any = None
+
+    def acquire(self, vcpu: Any) -> None:
+        while not self._lock.acquire(timeout=self.SLICE):
+            holder = self.holder
+            if holder is not None:
+                holder.arch.hw.kick()
+        self.holder = vcpu
+
+    def release(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+
 class Kvm:
     """struct kvm: one virtual machine."""
 
@@ -94,6 +121,7 @@ class Kvm:
         self.vcpu_array: list[KvmVcpu] = []
         self.memslots = [KvmMemslots() for _ in range(KVM_ADDRESS_SPACE_NUM)]
         self.slots_lock = threading.Lock()
+        self.guest_lock = GuestLock()
         self.arch: Any = None  # struct kvm_arch, filled by kvm_arch_init_vm
 
     def kvm_get_vcpu_by_id(self, id_: int) -> KvmVcpu | None:

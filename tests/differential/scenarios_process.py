@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import struct
 import threading
 from typing import Any
 
@@ -14,10 +15,11 @@ from kvmlab.uapi import (
     KVM_GET_API_VERSION,
     KVM_GET_REGS,
     KVM_RUN,
+    KVM_SET_SREGS,
     kvm_regs,
 )
 
-from .guest import Fds, errname, machine
+from .guest import Fds, errname, machine, set_regs
 from .registry import scenario
 
 
@@ -84,3 +86,39 @@ def kvm_run_from_another_thread(k: Any) -> dict[str, Any]:
         ports.append(m.run())
     assert ports == [0x10, 2, 0x11, 5]  # IO on the main thread, IO on the worker, then HLT
     return {"ports": ports}
+
+
+LOCK_INC_LOOP = (
+    b"\xb9\x40\x0d\x03\x00"  # 1000: mov ecx, 200000
+    b"\xf0\xff\x05\x00\x30\x00\x00"  # 1005: lock inc dword ptr [0x3000]
+    b"\x49"  # 100c: dec ecx
+    b"\x75\xf6"  # 100d: jnz 1005
+    b"\xf4"  # 100f: hlt
+)
+
+
+@scenario
+def two_vcpus_lock_inc_is_atomic(k: Any) -> dict[str, Any]:
+    """Two vCPUs on their own threads each `lock inc` one shared counter 200000 times: the
+    total is exactly 400000, as on real hardware."""
+    with machine(k, LOCK_INC_LOOP, "prot32") as m:
+        second = m.fds.create_vcpu(m.vm_fd, 1)
+        second_run = m.fds.map_run(m.sys_fd, second)
+        set_regs(k, second, m.regs())
+        k.ioctl(second, KVM_SET_SREGS, m.sregs())
+        reasons: list[Any] = []
+
+        def run(fd: int) -> None:
+            k.ioctl(fd, KVM_RUN, 0)
+            reasons.append(fd)
+
+        threads = [threading.Thread(target=run, args=(fd,)) for fd in (m.vcpu_fd, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        total = struct.unpack_from("<I", m.mem, 0x3000)[0]
+        exit_reasons = sorted([m.exit_reason, struct.unpack_from("<I", second_run, 8)[0]])
+    assert len(reasons) == 2 and exit_reasons == [5, 5]  # both reached their HLT
+    assert total == 400000
+    return {"total": total, "exits": exit_reasons}

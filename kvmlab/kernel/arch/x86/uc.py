@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ from kvmlab.kernel.arch.x86.uc_events import (
 )
 from kvmlab.kernel.memslots import PAGE_SIZE, KvmMemslots
 from kvmlab.kernel.trace import traced
-from kvmlab.kernel.uaccess import user_range_access
+from kvmlab.kernel.uaccess import copy_from_user, user_range_access
 
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h), reused as the engine's exit codes.
 EXIT_REASON_EXCEPTION_NMI = 0
@@ -109,6 +110,46 @@ _msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MS_ASYNC = 1
 
 
+def engine_address(uc: Uc) -> int:
+    """The address of the engine's uc_struct (the handle every uc_* call takes)."""
+    handle = uc._uch.value if uc._uch is not None else None
+    if not handle:
+        raise RuntimeError("the Unicorn engine is closed")
+    return int(handle)
+
+
+@functools.cache
+def emu_count_offset() -> int:
+    """Where uc_struct keeps the instruction budget of the current run (`emu_count`).
+
+    Found once per process: a scratch engine runs with a marker budget and looks for it in its
+    own uc_struct, read safely with copy_from_user; then a budget cut to zero from inside a
+    run must stop it at the next instruction. A Unicorn that does not pass fails here loudly.
+    """
+    marker = 0x5A5A_5A5A_1234_5678
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    uc.mem_map(0, PAGE_SIZE)
+    uc.mem_write(0x100, b"\x90" * 8 + b"\xf4")  # nop x 8; hlt
+    handle = engine_address(uc)
+    found: list[int] = []
+
+    def look(uc: Uc, address: int, size: int, _ud: object) -> None:
+        if address == 0x100:
+            words = copy_from_user(handle, 0x4000)
+            found.extend(o for o in range(0, len(words), 8) if words[o : o + 8] == marker_bytes)
+        elif address == 0x102 and len(found) == 1:
+            ctypes.c_uint64.from_address(handle + found[0]).value = 0
+
+    marker_bytes = marker.to_bytes(8, "little")
+    uc.hook_add(UC_HOOK_CODE, look, None, 0x100, 0x102)
+    uc.emu_start(0x100, 0, count=marker)
+    if len(found) != 1 or uc.reg_read(UC_X86_REG_RIP) != 0x103:
+        raise RuntimeError(f"kvmlab cannot find Unicorn's instruction budget {found}")
+    return found[0]
+
+
 @dataclass(slots=True)
 class IoExit:
     """The exit qualification of an IO instruction (VMX packs the same facts in 64 bits)."""
@@ -151,7 +192,8 @@ class UcVcpu:
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        self._h = uc._uch
+        self._h = engine_address(uc)
+        emu_count_offset()  # probe before any kick can need it
         self.cpu = X86CpuState(uc)
         self.exit_reason = EXIT_REASON_EXTERNAL_INTERRUPT
         self.io = IoExit()
@@ -437,11 +479,17 @@ class UcVcpu:
     # --- entering the guest -------------------------------------------------------------------
 
     def kick(self) -> None:
-        """Force the vCPU out of the guest (an IPI on hardware; here a stop request)."""
+        """Force the vCPU out of the guest (an IPI on hardware), at an instruction boundary.
+
+        uc_emu_stop from another thread can land after an instruction's store and roll the
+        instruction back, so it would run twice (a `lock inc` counted twice). Instead the run's
+        instruction budget is cut to zero: Unicorn's own per-instruction count check then stops
+        before the next instruction.
+        """
         with self._lock:
             self.kick_requested = True
             if self.running:
-                _emu_stop(self._h)
+                ctypes.c_uint64.from_address(self._h + emu_count_offset()).value = 0
 
     def inject(self, event: Event) -> int | None:
         """Deliver an event before the next instruction (VMX entry injection).

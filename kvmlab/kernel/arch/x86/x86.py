@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -509,11 +510,18 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     if arch.nmi_pending or arch.interrupt is not None or arch.exception is not None:
         exit_reason = inject_pending_event(vcpu)
     if exit_reason is None:
-        exit_reason = hw.vcpu_run(
-            arch.rip,
-            step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP),
-            irq_window=bool(vcpu.run_map[0]) and arch.interrupt is None,
-        )
+        guest_lock = vcpu.kvm.guest_lock
+        guest_lock.acquire(vcpu)
+        try:
+            exit_reason = hw.vcpu_run(
+                arch.rip,
+                step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP),
+                irq_window=bool(vcpu.run_map[0]) and arch.interrupt is None,
+            )
+        finally:
+            guest_lock.release()
+        if exit_reason == vendor.EXIT_REASON_EXTERNAL_INTERRUPT:
+            time.sleep(0)  # kicked, perhaps for another vCPU's turn: let it take the CPU
     arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
     vcpu.stat.exits += 1
     return handle_exit(vcpu, exit_reason)

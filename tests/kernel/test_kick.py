@@ -1,0 +1,87 @@
+"""A kick stops the guest between two instructions, never inside one.
+
+A stop that lands after an instruction's store would roll the instruction back and run it
+again: a read-modify-write would count twice. The counter below must come out exact however
+often the vCPU is kicked out of the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import struct
+import threading
+import time
+
+from kvmlab import sys as k
+from kvmlab.kernel import fs
+from kvmlab.kernel.signals import kvm_vcpu_kick
+from kvmlab.uapi import (
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_EXIT_HLT,
+    KVM_GET_SREGS,
+    KVM_RUN,
+    KVM_SET_REGS,
+    KVM_SET_SREGS,
+    KVM_SET_USER_MEMORY_REGION,
+    kvm_regs,
+    kvm_run,
+    kvm_sregs,
+    kvm_userspace_memory_region,
+)
+
+ITERATIONS = 300_000
+# 32-bit: mov ecx, N / l: inc dword ptr [0x3000] / dec ecx / jnz l / hlt
+INC_LOOP = b"\xb9" + struct.pack("<I", ITERATIONS) + b"\xff\x05\x00\x30\x00\x00\x49\x75\xf7\xf4"
+
+
+def test_kicks_never_run_an_instruction_twice() -> None:
+    kvm = k.open("/dev/kvm", os.O_RDWR)
+    vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
+    ram = mmap.mmap(-1, 0x10000)
+    ram[0x1000 : 0x1000 + len(INC_LOOP)] = INC_LOOP
+    hva = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    k.ioctl(vm, KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region(0, 0, 0, 0x10000, hva))
+    fd = k.ioctl(vm, KVM_CREATE_VCPU, 0)
+    shared = k.mmap(fd, 3 * 4096)
+    run = kvm_run.from_buffer(shared)
+    sregs = kvm_sregs()
+    k.ioctl(fd, KVM_GET_SREGS, sregs)
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
+        seg.base, seg.limit, seg.db, seg.g = 0, 0xFFFFFFFF, 1, 1
+    sregs.cr0 |= 1
+    k.ioctl(fd, KVM_SET_SREGS, sregs)
+    k.ioctl(fd, KVM_SET_REGS, kvm_regs(rip=0x1000, rflags=2))
+    vcpu = fs.fdget(fd).private_data  # type: ignore[union-attr]
+    done = threading.Event()
+
+    def kicker() -> None:
+        while not done.is_set():
+            kvm_vcpu_kick(vcpu)
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=kicker)
+    thread.start()
+    interrupted = 0
+    try:
+        while True:
+            try:
+                k.ioctl(fd, KVM_RUN, 0)
+            except OSError as e:
+                assert e.errno == errno.EINTR
+                interrupted += 1
+                continue
+            if run.exit_reason == KVM_EXIT_HLT:
+                break
+    finally:
+        done.set()
+        thread.join()
+    assert interrupted > 10  # the guest really was kicked out many times
+    assert struct.unpack_from("<I", ram, 0x3000)[0] == ITERATIONS
+    del run
+    shared.close()
+    for f in (fd, vm, kvm):
+        k.close(f)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import signal
+import statistics
 import struct
+import threading
 import time
 from types import ModuleType
 
@@ -25,14 +28,20 @@ from kvmlab.kernel import trace
 from kvmlab.uapi import (
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
+    KVM_EXIT_DEBUG,
     KVM_EXIT_HLT,
     KVM_EXIT_IO,
+    KVM_EXIT_MMIO,
     KVM_GET_SREGS,
     KVM_GET_VCPU_MMAP_SIZE,
+    KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP,
     KVM_RUN,
+    KVM_SET_GUEST_DEBUG,
     KVM_SET_REGS,
     KVM_SET_SREGS,
     KVM_SET_USER_MEMORY_REGION,
+    kvm_guest_debug,
     kvm_regs,
     kvm_run,
     kvm_sregs,
@@ -55,6 +64,8 @@ def compute_loop(iterations: int) -> tuple[bytes, int]:
 
 
 OUT_LOOP = bytes([0xE6, 0x10, 0xEB, 0xFC])  # l: out 0x10, al / jmp l
+MMIO_LOOP = bytes([0xA3, 0x00, 0x00, 0x10, 0x00, 0xEB, 0xF9])  # l: mov [0x100000], eax / jmp l
+SPIN = bytes([0x90, 0xEB, 0xFD])  # l: nop / jmp l
 
 
 class Guest:
@@ -133,6 +144,59 @@ def out_exits(k: ModuleType, count: int) -> float:
     return count / dt
 
 
+def mmio_exits(k: ModuleType, count: int) -> float:
+    g = Guest(k, MMIO_LOOP)
+    vcpu, ioctl = g.vcpu, k.ioctl
+    t = time.perf_counter()
+    for _ in range(count):
+        ioctl(vcpu, KVM_RUN, 0)
+    dt = time.perf_counter() - t
+    assert g.run.exit_reason == KVM_EXIT_MMIO
+    g.close()
+    return count / dt
+
+
+def step_exits(k: ModuleType, count: int) -> float:
+    g = Guest(k, SPIN)
+    k.ioctl(
+        g.vcpu, KVM_SET_GUEST_DEBUG, kvm_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
+    )
+    vcpu, ioctl = g.vcpu, k.ioctl
+    t = time.perf_counter()
+    for _ in range(count):
+        ioctl(vcpu, KVM_RUN, 0)
+    dt = time.perf_counter() - t
+    assert g.run.exit_reason == KVM_EXIT_DEBUG
+    g.close()
+    return count / dt
+
+
+def kick_latency(k: ModuleType, kicks: int = 20) -> float:
+    """Median seconds from pthread_kill(SIGUSR1) to KVM_RUN returning, on a spinning guest."""
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    g = Guest(k, SPIN)
+    latencies = []
+    for _ in range(kicks):
+        done: list[float] = []
+
+        def vcpu_thread() -> None:
+            try:
+                k.ioctl(g.vcpu, KVM_RUN, 0)
+            except InterruptedError:
+                done.append(time.perf_counter())
+
+        thread = threading.Thread(target=vcpu_thread)
+        thread.start()
+        time.sleep(0.02)
+        sent = time.perf_counter()
+        signal.pthread_kill(thread.ident or 0, signal.SIGUSR1)
+        thread.join(5)
+        assert done, "KVM_RUN did not return after the signal"
+        latencies.append(done[0] - sent)
+    g.close()
+    return statistics.median(latencies)
+
+
 def best(f, *args, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
     return max(f(*args) for _ in range(repeat))
 
@@ -162,6 +226,22 @@ def main() -> None:
               f"{sim_exits / host_exits:.2f}   (target >= 1.0)")  # fmt: skip
     else:
         print(f"    host /dev/kvm: skipped ({reason})")
+    for label, bench, n in (
+        ("MMIO write", mmio_exits, 20_000),
+        ("single-step", step_exits, 20_000),
+    ):
+        print(f"(b) {label} exits/s through KVM_RUN from Python")
+        rate = best(bench, sim, n)
+        line = f"    kvmlab {rate / 1e3:8.1f} k/s"
+        if reason is None:
+            host_rate = best(bench, host, n)
+            line += f"   host {host_rate / 1e3:8.1f} k/s   ratio {rate / host_rate:.2f}"
+        print(line)
+    print("(d) kick: median of 20, SIGUSR1 to a vCPU thread spinning in the guest -> EINTR")
+    line = f"    kvmlab {kick_latency(sim) * 1e3:6.2f} ms"
+    if reason is None:
+        line += f"   host {kick_latency(host) * 1e3:6.2f} ms"
+    print(line + "   (target < 50 ms)")
     print("(c) the call-path trace: OUT exits/s with tracing off, on, and off again")
     before = best(out_exits, sim, exits)
     with trace.recording():

@@ -179,7 +179,7 @@ def kick_latency(k: ModuleType, kicks: int = 20) -> float:
     for _ in range(kicks):
         done: list[float] = []
 
-        def vcpu_thread() -> None:
+        def vcpu_thread(done: list[float] = done) -> None:
             try:
                 k.ioctl(g.vcpu, KVM_RUN, 0)
             except InterruptedError:

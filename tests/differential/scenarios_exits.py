@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmlab.uapi import KVM_EXIT_HLT, KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT
+from kvmlab.uapi import KVM_EXIT_HLT, KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, KVM_EXIT_MMIO
 
 from .guest import CODE_ADDR, MAX_RUNS, Machine, machine, regs_dict
 from .registry import host_is_pvm, scenario
@@ -331,3 +331,25 @@ def out_rip_documented_difference(k: Any) -> dict[str, Any]:
     assert rip_at_out in (OUT_ADDR, AFTER_OUT)
     assert (second, rip_at_hlt) == (KVM_EXIT_HLT, CODE_ADDR + len(OUT_RIP_CODE))
     return {"exit": first, "io": io, "rip_at_out": rip_at_out, "then": (second, rip_at_hlt)}
+
+
+@scenario
+def immediate_exit_completes_pending_mmio_read(k: Any) -> dict[str, Any]:
+    """With an MMIO read pending, KVM_RUN + immediate_exit first loads the data and retires
+    the instruction, then returns EINTR with exit_reason still MMIO."""
+    code = b"\xa1\x00\x00\x10\x00" + HLT  # 1000: mov eax, [0x100000]; 1005: hlt
+    with machine(k, code, "prot32") as m:
+        first = m.run()
+        m.runmap[40:44] = b"\x78\x56\x34\x12"  # run->mmio.data
+        m.set_immediate_exit(1)
+        r = m.try_run()
+        reason = m.exit_reason
+        regs = m.regs()
+        m.set_immediate_exit(0)
+        then = (m.try_run(), m.regs().rip)
+    out = {"first": first, "run": r, "exit_reason": reason, "rax": regs.rax, "rip": regs.rip}
+    out["then"] = then
+    assert first == KVM_EXIT_MMIO
+    assert (r, reason, regs.rax, regs.rip) == ("EINTR", KVM_EXIT_MMIO, 0x12345678, 0x1005)
+    assert then == (KVM_EXIT_HLT, 0x1006)
+    return out

@@ -511,7 +511,9 @@ class UcVcpu:
         )
 
     @traced("vmx_vcpu_run", args=lambda self, rip, step=False, irq_window=False: {"rip": rip})
-    def vcpu_run(self, rip: int, step: bool = False, irq_window: bool = False) -> int:
+    def vcpu_run(
+        self, rip: int, step: bool = False, irq_window: bool = False, retire_only: bool = False
+    ) -> int:
         """Run the guest from `rip` until something needs the hypervisor; return the reason.
 
         With `step`, at most one instruction runs (MONITOR_TRAP_FLAG when it retired). With
@@ -573,7 +575,7 @@ class UcVcpu:
                 return EXIT_REASON_EPT_MISCONFIG
             if self.replaying:
                 self._end_replay()
-                if reason == EXIT_REASON_MONITOR_TRAP_FLAG and not step:
+                if reason == EXIT_REASON_MONITOR_TRAP_FLAG and not step and not retire_only:
                     rip = self.rip  # the replayed instruction retired; carry on
                     continue
             if reason == EXIT_REASON_MONITOR_TRAP_FLAG and self._stepped_halt(rip):

@@ -796,10 +796,23 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
 
 @traced()
 def complete_emulated_mmio(vcpu: KvmVcpu) -> int:
-    """Hand userspace's bytes to the read that is waiting for them."""
+    """Finish the instruction that waits for userspace's bytes, before anything else runs
+    (so immediate_exit still sees it done); it may exit again (a second read, a store)."""
+    arch = vcpu.arch
     run: Any = vcpu.run
-    vcpu.arch.hw.mmio_complete_read(bytes(run.mmio.data))
-    return 1
+    hw = arch.hw
+    hw.mmio_complete_read(bytes(run.mmio.data))
+    kvm_register_flush(vcpu)
+    guest_lock = vcpu.kvm.guest_lock
+    guest_lock.acquire(vcpu)
+    try:
+        reason = hw.vcpu_run(arch.rip, retire_only=True)
+    finally:
+        guest_lock.release()
+    arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
+    if reason == vendor.EXIT_REASON_MONITOR_TRAP_FLAG:
+        return 1
+    return handle_exit(vcpu, reason)
 
 
 @traced()

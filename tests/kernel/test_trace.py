@@ -239,3 +239,42 @@ def test_a_recording_renders_as_json_and_a_table(kvm_fd: int) -> None:
     rows = rec.table()
     assert rows[0]["kind"] == "enter" and rows[0]["func"] == "kvm_dev_ioctl"
     assert '"errno": "EINVAL"' in rec.to_json()
+
+
+FD_EXHAUSTED = """
+import os, resource
+from kvmlab import sys as k
+from kvmlab.kernel import trace
+from kvmlab.uapi import KVM_CREATE_VCPU, KVM_CREATE_VM
+kvm = k.open("/dev/kvm", os.O_RDWR)
+vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
+spare = os.dup(0)  # the lowest free descriptor: the limit goes just below it
+os.close(spare)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (spare, hard))
+with trace.recording() as rec:
+    try:
+        k.ioctl(vm, KVM_CREATE_VCPU, 0)
+    except OSError as e:
+        print("errno", e.errno)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(" ".join(rec.calls()))
+print(rec.tree(notes=False).splitlines()[-1])
+print("again", k.ioctl(vm, KVM_CREATE_VCPU, 0) > 0)
+"""
+
+
+def test_create_vcpu_fd_failure_unwinds_and_frees_the_id() -> None:
+    # a fresh process whose descriptor limit leaves no room for the vCPU's fd (EMFILE)
+    out = subprocess.run([sys.executable, "-c", FD_EXHAUSTED], capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "errno 24", out.stderr  # EMFILE
+    assert lines[1].split() == [
+        *CREATE_VCPU_PATH,
+        "kvm_get_kvm",
+        "create_vcpu_fd",
+        "anon_inode_getfd",
+        "kvm_arch_vcpu_destroy",
+    ]
+    assert lines[2] == "<- kvm_vm_ioctl: EMFILE"
+    assert lines[3] == "again True"  # the id and the vCPU count were given back

@@ -13,6 +13,7 @@ from . import (  # noqa: F401 (imported for their @scenario registrations)
     scenarios_irq,
     scenarios_memslot,
     scenarios_mmio,
+    scenarios_more,
     scenarios_process,
     scenarios_vcpu_state,
 )

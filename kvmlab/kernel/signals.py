@@ -23,6 +23,7 @@ _pending: set[int] = set()
 _lock = threading.Lock()
 _watcher_started = False
 _chained_fd = -1
+_write_fd = -1
 
 
 def _watch(read_fd: int) -> None:
@@ -43,20 +44,27 @@ def _watch(read_fd: int) -> None:
 
 
 def start_signal_watcher() -> None:
-    """Install the wakeup fd and its watcher (once, from the main thread)."""
-    global _watcher_started, _chained_fd
-    if _watcher_started or threading.current_thread() is not threading.main_thread():
+    """Install the wakeup fd and its watcher (once), or put the fd back if someone replaced it.
+
+    Only the main thread may set the wakeup fd; others leave it as it is. Event loops (asyncio,
+    nbclient) install or clear their own wakeup fd, so this runs on every KVM_RUN made from
+    the main thread: theirs is chained, not lost, and ours is restored.
+    """
+    global _watcher_started, _chained_fd, _write_fd
+    if threading.current_thread() is not threading.main_thread():
         return
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    _chained_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=_watch, args=(read_fd,), name="kvmlab-signals", daemon=True).start()
-    _watcher_started = True
+    if not _watcher_started:
+        read_fd, _write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        threading.Thread(target=_watch, args=(read_fd,), name="kvmlab-signals", daemon=True).start()
+        _watcher_started = True
+    current = signal.set_wakeup_fd(_write_fd, warn_on_full_buffer=False)
+    if current != _write_fd:
+        _chained_fd = current
 
 
 def enter_kvm_run(vcpu: Any) -> None:
     """Mark `vcpu` as inside KVM_RUN, so that signals reach it (the watcher kicks it)."""
-    if not _watcher_started:
-        start_signal_watcher()
+    start_signal_watcher()
     with _lock:
         _running[id(vcpu)] = vcpu
 

@@ -518,6 +518,13 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
                 step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP),
                 irq_window=bool(vcpu.run_map[0]) and arch.interrupt is None,
             )
+        except BaseException:
+            # A Python signal handler raised (Ctrl-C, a notebook interrupt) while the guest
+            # ran: the CPU holds the truth, and the exit is a signal exit, as on the host.
+            arch.rip, arch.rip_dirty = hw.cpu.rip, False
+            arch.rflags = hw.cpu.read_reg(UC_X86_REG_RFLAGS)
+            _RUN_EXIT_REASON.pack_into(vcpu.run_map, 8, KVM_EXIT_INTR)
+            raise
         finally:
             guest_lock.release()
         if exit_reason == vendor.EXIT_REASON_EXTERNAL_INTERRUPT:

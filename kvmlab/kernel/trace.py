@@ -175,11 +175,10 @@ class Recording:
                 shown = ", ".join(f"{k}={_fmt(v)}" for k, v in e.args.items())
                 lines.append(f"{pad}-> {e.func}({shown})")
             elif e.kind == "exit":
-                outcome = (
-                    f": {e.errno}"
-                    if e.errno
-                    else ("" if e.result is None else f" = {_fmt(e.result)}")
-                )
+                if e.errno:
+                    outcome = f": {e.errno}"
+                else:  # results are fds, counts and exit codes: decimal
+                    outcome = "" if e.result is None else f" = {e.result}"
                 lines.append(f"{pad}<- {e.func}{outcome}")
             elif notes:
                 shown = ", ".join(f"{k}={_fmt(v)}" for k, v in e.args.items())

@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LAB_STAMP := $(VENV)/.installed-lab
+# Headless: print the URL (with its token) instead of opening a browser; root needs --allow-root.
+LAB_ARGS := --notebook-dir=notebooks --no-browser --ip=127.0.0.1 \
+	$(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: lab test lint bench clean
 
@@ -12,8 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-lab: $(STAMP)
-	$(BIN)/kvmlab demo
+$(LAB_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[lab]'
+	touch $(LAB_STAMP)
+
+lab: $(LAB_STAMP)
+	@echo "kvmlab: JupyterLab on notebooks/ (start with 00-start-here.ipynb). Open the"
+	@echo "kvmlab: http://127.0.0.1:<port>/lab?token=... URL printed below; Ctrl-C stops it."
+	$(BIN)/jupyter lab $(LAB_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -144,31 +144,28 @@ def out_exits(k: ModuleType, count: int) -> float:
     return count / dt
 
 
-def mmio_exits(k: ModuleType, count: int) -> float:
-    g = Guest(k, MMIO_LOOP)
+def exits_per_second(k: ModuleType, code: bytes, reason: int, count: int, step: bool) -> float:
+    """KVM_RUN `count` times on a guest whose every run ends in `reason`; runs per second."""
+    g = Guest(k, code)
+    if step:
+        control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+        k.ioctl(g.vcpu, KVM_SET_GUEST_DEBUG, kvm_guest_debug(control))
     vcpu, ioctl = g.vcpu, k.ioctl
     t = time.perf_counter()
     for _ in range(count):
         ioctl(vcpu, KVM_RUN, 0)
     dt = time.perf_counter() - t
-    assert g.run.exit_reason == KVM_EXIT_MMIO
+    assert g.run.exit_reason == reason
     g.close()
     return count / dt
+
+
+def mmio_exits(k: ModuleType, count: int) -> float:
+    return exits_per_second(k, MMIO_LOOP, KVM_EXIT_MMIO, count, step=False)
 
 
 def step_exits(k: ModuleType, count: int) -> float:
-    g = Guest(k, SPIN)
-    k.ioctl(
-        g.vcpu, KVM_SET_GUEST_DEBUG, kvm_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
-    )
-    vcpu, ioctl = g.vcpu, k.ioctl
-    t = time.perf_counter()
-    for _ in range(count):
-        ioctl(vcpu, KVM_RUN, 0)
-    dt = time.perf_counter() - t
-    assert g.run.exit_reason == KVM_EXIT_DEBUG
-    g.close()
-    return count / dt
+    return exits_per_second(k, SPIN, KVM_EXIT_DEBUG, count, step=True)
 
 
 def kick_latency(k: ModuleType, kicks: int = 20) -> float:

@@ -13,24 +13,27 @@ import pytest
 
 from kvmlab import host
 
-PROGRAM = textwrap.dedent(
-    """
-    import ctypes, importlib, mmap, os, signal, sys, threading, time
-    from kvmlab.uapi import *
+SPINNING_VCPU = """\
+import ctypes, importlib, mmap, os, signal, sys, threading, time
+from kvmlab.uapi import *
 
-    k = importlib.import_module(sys.argv[1])
+k = importlib.import_module(sys.argv[1])
+kvm = k.open("/dev/kvm", os.O_RDWR)
+vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
+ram = mmap.mmap(-1, 0x10000)
+ram[0x1000:0x1002] = bytes([0xEB, 0xFE])  # jmp $
+addr = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+k.ioctl(vm, KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region(0, 0, 0, len(ram), addr))
+vcpu = k.ioctl(vm, KVM_CREATE_VCPU, 0)
+run = kvm_run.from_buffer(k.mmap(vcpu, k.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)))
+s = kvm_sregs(); k.ioctl(vcpu, KVM_GET_SREGS, s)
+s.cs.base = s.cs.selector = 0; k.ioctl(vcpu, KVM_SET_SREGS, s)
+k.ioctl(vcpu, KVM_SET_REGS, kvm_regs(rip=0x1000, rflags=2))
+"""
+
+PROGRAM = SPINNING_VCPU + textwrap.dedent(
+    """
     signal.signal(signal.SIGUSR1, lambda *a: None)
-    kvm = k.open("/dev/kvm", os.O_RDWR)
-    vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
-    ram = mmap.mmap(-1, 0x10000)
-    ram[0x1000:0x1002] = bytes([0xEB, 0xFE])  # jmp $
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(ram))
-    k.ioctl(vm, KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region(0, 0, 0, len(ram), addr))
-    vcpu = k.ioctl(vm, KVM_CREATE_VCPU, 0)
-    run = kvm_run.from_buffer(k.mmap(vcpu, k.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)))
-    s = kvm_sregs(); k.ioctl(vcpu, KVM_GET_SREGS, s)
-    s.cs.base = s.cs.selector = 0; k.ioctl(vcpu, KVM_SET_SREGS, s)
-    k.ioctl(vcpu, KVM_SET_REGS, kvm_regs(rip=0x1000, rflags=2))
     result = []
     def vcpu_thread():
         try:
@@ -60,23 +63,8 @@ def test_signal_to_a_vcpu_thread_in_a_guest_loop_gives_eintr_and_exit_intr(backe
     assert out.stdout.strip() == "done [4] 10", out.stderr  # EINTR, KVM_EXIT_INTR
 
 
-CTRL_C = textwrap.dedent(
+CTRL_C = SPINNING_VCPU + textwrap.dedent(
     """
-    import ctypes, importlib, mmap, os, signal, sys, threading
-    from kvmlab.uapi import *
-
-    k = importlib.import_module(sys.argv[1])
-    kvm = k.open("/dev/kvm", os.O_RDWR)
-    vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
-    ram = mmap.mmap(-1, 0x10000)
-    ram[0x1000:0x1002] = bytes([0xEB, 0xFE])  # jmp $
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(ram))
-    k.ioctl(vm, KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region(0, 0, 0, len(ram), addr))
-    vcpu = k.ioctl(vm, KVM_CREATE_VCPU, 0)
-    run = kvm_run.from_buffer(k.mmap(vcpu, k.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)))
-    s = kvm_sregs(); k.ioctl(vcpu, KVM_GET_SREGS, s)
-    s.cs.base = s.cs.selector = 0; k.ioctl(vcpu, KVM_SET_SREGS, s)
-    k.ioctl(vcpu, KVM_SET_REGS, kvm_regs(rip=0x1000, rflags=2))
     threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     try:
         k.ioctl(vcpu, KVM_RUN, 0)

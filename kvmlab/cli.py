@@ -9,7 +9,9 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from types import ModuleType
+from typing import Any
 
 from kvmlab import host
 from kvmlab.uapi import (
@@ -44,9 +46,9 @@ HELLO_16 = (
 )  # fmt: skip
 
 
-def run_demo(k: ModuleType, out: object = sys.stdout) -> int:
+def run_demo(k: ModuleType, out: Any = None) -> int:
     """Run HELLO_16 through the syscall face `k`; print each exit; return the exit count."""
-    write = out.write  # type: ignore[attr-defined]
+    write = (out or sys.stdout).write
     kvm = k.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     write(f"KVM_GET_API_VERSION = {k.ioctl(kvm, KVM_GET_API_VERSION, 0)}\n")
     vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
@@ -88,22 +90,141 @@ def run_demo(k: ModuleType, out: object = sys.stdout) -> int:
     return exits
 
 
+ASM_MODES = {"real": "16", "protected": "32", "long": "64"}
+EXIT_OK, EXIT_USAGE, EXIT_RUNAWAY, EXIT_GUEST_ERROR = 0, 2, 3, 4
+
+
+def _backend(name: str) -> ModuleType:
+    if name == "host":
+        reason = host.available()
+        if reason:
+            raise SystemExit(f"kvmlab: the host backend is unavailable: {reason}")
+        return host
+    from kvmlab import sys as sim
+
+    return sim
+
+
+def _guest_code(path: str, mode: str, entry: int) -> bytes:
+    """The bytes of GUEST: assembled from a .asm source, or a flat .bin image as it is."""
+    try:
+        data = open(path, "rb").read()  # noqa: SIM115 (read at once)
+    except OSError as e:
+        raise SystemExit(f"kvmlab: cannot read {path}: {e.strerror}") from None
+    if not path.endswith(".asm"):
+        return data
+    from kvmlab.asm import AsmError, assemble
+
+    try:
+        return assemble(data.decode(errors="replace"), mode=ASM_MODES[mode], base=entry).code
+    except AsmError as e:
+        raise SystemExit(f"kvmlab: {path}: {e}") from None
+
+
+def run_guest(args: argparse.Namespace, out: Any = None) -> int:
+    """`kvmlab run`: boot GUEST on a small machine, print its serial output and its exits."""
+    from kvmlab.kernel import trace
+    from kvmlab.vmm import EXCP_HLT, Machine
+
+    out = out or sys.stdout
+    k = _backend(args.backend)
+    code = _guest_code(args.guest, args.mode, args.entry)
+    recording = trace.recording() if args.trace and k.name == "sim" else None
+    with Machine(k) as m:
+        m.boot(code, mode=args.mode, entry=args.entry)
+        timer = threading.Timer(args.timeout, m.stop)
+        timer.start()
+        try:
+            if recording is not None:
+                with recording as rec:
+                    result = m.run(max_exits=args.max_exits)
+            else:
+                result = m.run(max_exits=args.max_exits)
+        finally:
+            timer.cancel()
+        timed_out = m.state == "stopped" and m.exit_code is None
+        out.write(m.serial.text())
+        if m.serial.output and not m.serial.output.endswith(b"\n"):
+            out.write("\n")
+        out.write(f"{'seq':>5}  {'exit':<15} {'rip':>10}  {'where':>10}  dir    data\n")
+        for r in m.exit_log:
+            where = "" if r.address is None else hex(r.address)
+            rip = "" if r.rip is None else hex(r.rip)
+            data = r.data.hex() if r.data else r.detail
+            out.write(f"{r.seq:5}  {r.reason:<15} {rip:>10}  {where:>10}  {r.direction or '':5}  "
+                      f"{data}\n")  # fmt: skip
+        if recording is not None:
+            lines = rec.tree().splitlines()
+            out.write("\n".join(lines[:400]) + "\n")
+            if len(lines) > 400:
+                out.write(f"... {len(lines) - 400} more trace lines\n")
+        if args.trace and recording is None:
+            out.write("(the call-path trace is the simulator's: use --backend sim)\n")
+        if m.exit_code is not None:
+            out.write(f"guest exit code {m.exit_code}\n")
+            return EXIT_OK if m.exit_code in (0, 1) else EXIT_GUEST_ERROR
+        if timed_out:
+            out.write(f"kvmlab: stopped a runaway guest after {args.timeout} s\n")
+            return EXIT_RUNAWAY
+        if result != EXCP_HLT:
+            if m.state in ("internal-error", "shutdown"):
+                out.write(f"kvmlab: the guest ended in {m.state}\n")
+                return EXIT_GUEST_ERROR
+            out.write(f"kvmlab: stopped after {args.max_exits} exits without a HLT\n")
+            return EXIT_RUNAWAY
+    return EXIT_OK
+
+
+def show_info(out: Any = None) -> int:
+    """`kvmlab info`: which backends this machine has, and what each reports."""
+    from kvmlab import sys as sim
+    from kvmlab.uapi import KVM_CHECK_EXTENSION, KVM_GET_API_VERSION
+    from kvmlab.uapi import kvm as uapi_kvm
+
+    out = out or sys.stdout
+    caps = {n: v for n, v in vars(uapi_kvm).items() if n.startswith("KVM_CAP_")}
+    reason = host.available()
+    backends: list[tuple[str, ModuleType | None, str]] = [
+        ("sim", sim, "kvmlab's simulated /dev/kvm (Unicorn)"),
+        ("host", None if reason else host, reason or "the host's /dev/kvm"),
+    ]
+    for name, k, what in backends:
+        out.write(f"{name}: {what}\n")
+        if k is None:
+            continue
+        fd = k.open("/dev/kvm", os.O_RDWR)
+        try:
+            out.write(f"  KVM_GET_API_VERSION = {k.ioctl(fd, KVM_GET_API_VERSION, 0)}\n")
+            present = {c: k.ioctl(fd, KVM_CHECK_EXTENSION, v) for c, v in caps.items()}
+        finally:
+            k.close(fd)
+        for cap, value in sorted(present.items()):
+            if value:
+                out.write(f"  {cap} = {value}\n")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a hello-world guest and show its exits")
     demo.add_argument("--backend", choices=("sim", "host"), default="sim")
+    run = sub.add_parser("run", help="boot GUEST (.asm or flat .bin) and show its output and exits")
+    run.add_argument("guest")
+    run.add_argument("--mode", choices=tuple(ASM_MODES), default="real")
+    run.add_argument("--backend", choices=("sim", "host"), default="sim")
+    run.add_argument("--entry", type=lambda v: int(v, 0), default=0x1000)
+    run.add_argument("--trace", action="store_true", help="print the kernel's call path")
+    run.add_argument("--max-exits", type=int, default=10_000)
+    run.add_argument("--timeout", type=float, default=10.0, help="seconds before a stop")
+    sub.add_parser("info", help="the backends on this machine and their capabilities")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.backend == "host":
-            reason = host.available()
-            if reason:
-                parser.error(f"the host backend is unavailable: {reason}")
-            backend: ModuleType = host
-        else:
-            from kvmlab import sys as backend
-        run_demo(backend)
-    return 0
+    if args.command == "run":
+        return run_guest(args)
+    if args.command == "info":
+        return show_info()
+    run_demo(_backend(args.backend))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

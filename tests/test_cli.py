@@ -1,0 +1,87 @@
+"""The `kvmlab` command end to end: guests that work, and every way a run can go wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmlab.cli import main
+
+HELLO = """\
+; print hi on the serial port, then halt
+    mov dx, 0x3f8
+    mov al, 'h'
+    out dx, al
+    mov al, 'i'
+    out dx, al
+    hlt
+"""
+
+
+def kvmlab(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed command the way a user does."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvmlab.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("mode", ["real", "protected", "long"])
+def test_run_prints_the_guests_serial_output_and_its_exits(tmp_path: Path, mode: str) -> None:
+    guest = tmp_path / "hello.asm"
+    guest.write_text(HELLO)
+    done = kvmlab("run", str(guest), "--mode", mode)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "hi"
+    assert [line.split()[1] for line in lines[2:5]] == ["IO", "IO", "HLT"]
+
+
+def test_run_with_trace_shows_the_kernel_call_path(tmp_path: Path) -> None:
+    guest = tmp_path / "hello.asm"
+    guest.write_text(HELLO)
+    done = kvmlab("run", str(guest), "--trace")
+    assert done.returncode == 0, done.stderr
+    assert "-> kvm_vcpu_ioctl(vcpu=0, cmd=KVM_RUN)" in done.stdout
+    assert "-> handle_io()" in done.stdout and "-> kvm_emulate_halt()" in done.stdout
+
+
+def test_a_flat_binary_runs_as_it_is(tmp_path: Path) -> None:
+    guest = tmp_path / "hlt.bin"
+    guest.write_bytes(b"\xf4")
+    done = kvmlab("run", str(guest))
+    assert done.returncode == 0 and "HLT" in done.stdout
+
+
+def test_a_missing_file_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    done = kvmlab("run", str(tmp_path / "nope.asm"))
+    assert done.returncode != 0
+    assert "cannot read" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_assembly_names_its_line(tmp_path: Path) -> None:
+    guest = tmp_path / "bad.asm"
+    guest.write_text("nop\nmov ax, bx\nfrobnicate ax\nhlt\n")
+    done = kvmlab("run", str(guest))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "line 3" in done.stderr and "frobnicate" in done.stderr
+
+
+def test_a_runaway_guest_is_stopped_at_the_timeout(tmp_path: Path) -> None:
+    guest = tmp_path / "spin.bin"
+    guest.write_bytes(b"\xeb\xfe")  # jmp $
+    start = time.monotonic()
+    done = kvmlab("run", str(guest), "--timeout", "0.5")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "runaway" in done.stdout
+    assert time.monotonic() - start < 30
+
+
+def test_info_lists_the_backends_and_what_they_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "sim: kvmlab's simulated /dev/kvm" in out and "KVM_GET_API_VERSION = 12" in out
+    assert "host:" in out

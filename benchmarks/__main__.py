@@ -1,6 +1,7 @@
 """Run every benchmark: `python -m benchmarks` (or `make bench`)."""
 
-from benchmarks import kvm_run
+from benchmarks import kvm_run, lifetimes
 
 if __name__ == "__main__":
     kvm_run.main()
+    lifetimes.main()

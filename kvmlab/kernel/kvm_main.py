@@ -64,7 +64,6 @@ class KvmArch(Protocol):
     KVM_MAX_VCPU_IDS: int
     KVM_VCPU_MMAP_PAGES: int
     kvm_run_type: type[ctypes.Structure]
-    vm_ioctl_default_errno: int
 
     def kvm_arch_init_vm(self, kvm: Kvm, type_: int) -> None: ...
     def kvm_arch_destroy_vm(self, kvm: Kvm) -> None: ...
@@ -155,7 +154,6 @@ class KvmVcpu:
         self.vcpu_idx = -1
         self.mutex = threading.Lock()
         self.pid: int | None = None  # the thread of the last KVM_RUN
-        self.run_memfd = -1
         self.run_map = _NO_MAPPING  # the kvm_run pages, mapped by create_vcpu_fd
         self.run: Any = None  # struct kvm_run over run_map
         self.arch: Any = None  # struct kvm_vcpu_arch
@@ -406,7 +404,6 @@ def create_vcpu_fd(vcpu: KvmVcpu) -> int:
     arch = vcpu.kvm.arch_ops
     size = arch.KVM_VCPU_MMAP_PAGES * PAGE_SIZE
     fd = fs.anon_inode_getfd(f"kvm-vcpu:{vcpu.vcpu_id}", KVM_VCPU_FOPS, vcpu, size)
-    vcpu.run_memfd = fd
     vcpu.run_map = mmap.mmap(fd, size)
     vcpu.run = arch.kvm_run_type.from_buffer(vcpu.run_map)
     return fd

@@ -924,7 +924,6 @@ class X86:
     KVM_MAX_VCPU_IDS = KVM_MAX_VCPU_IDS
     KVM_VCPU_MMAP_PAGES = 3  # kvm_run, the PIO data page, the coalesced MMIO ring
     kvm_run_type = kvm_run
-    vm_ioctl_default_errno = errno.ENOTTY
 
     kvm_arch_init_vm = staticmethod(kvm_arch_init_vm)
     kvm_arch_destroy_vm = staticmethod(kvm_arch_destroy_vm)

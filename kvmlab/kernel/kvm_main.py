@@ -110,7 +110,7 @@ class Kvm:
     def __init__(self, arch: KvmArch, type_: int) -> None:
         self.arch_ops = arch
         self.type = type_
-        self.mm = os.getpid()  # kvm->mm: only the creating process may use the VM
+        self.mm = current_mm()  # kvm->mm: only the creating process may use the VM
         self.lock = threading.Lock()
         self.users_count = 1  # the VM file's reference
         self.vm_dead = False
@@ -158,6 +158,29 @@ class KvmVcpu:
         self.run: Any = None  # struct kvm_run over run_map
         self.arch: Any = None  # struct kvm_vcpu_arch
         self.stat = KvmVcpuStat()
+
+
+_current_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _current_pid
+    _current_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def current_mm() -> int:
+    """current->mm: this process (cached: getpid is a system call on every ioctl otherwise)."""
+    return _current_pid
+
+
+def check_mm(kvm: Kvm) -> None:
+    """The first check of every VM and vCPU ioctl: EIO from another process or a dead VM."""
+    if kvm.mm != _current_pid or kvm.vm_dead:
+        note("kvm->mm != current->mm: another process", mm=kvm.mm, current=_current_pid)
+        fail(errno.EIO)
 
 
 vm_list: list[Kvm] = []
@@ -308,9 +331,7 @@ class KvmVmFops:
 @traced(args=lambda kvm, cmd, arg: {"cmd": ioctl_name(cmd)})
 def kvm_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
     """The ioctls of a VM fd; anything unknown goes to kvm_arch_vm_ioctl (ENOTTY on x86)."""
-    if kvm.mm != os.getpid() or kvm.vm_dead:
-        note("kvm->mm != current->mm: another process", mm=kvm.mm, current=os.getpid())
-        fail(errno.EIO)
+    check_mm(kvm)
     if cmd == KVM_CREATE_VCPU:
         return kvm_vm_ioctl_create_vcpu(kvm, arg)
     if cmd == KVM_SET_USER_MEMORY_REGION:
@@ -441,9 +462,7 @@ class KvmVcpuFops:
 def kvm_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     """The ioctls of a vCPU fd, under vcpu->mutex; unknown ones are EINVAL."""
     kvm = vcpu.kvm
-    if kvm.mm != os.getpid() or kvm.vm_dead:
-        note("kvm->mm != current->mm: another process", mm=kvm.mm, current=os.getpid())
-        fail(errno.EIO)
+    check_mm(kvm)
     if (cmd >> 8) & 0xFF != KVMIO:  # _IOC_TYPE(cmd)
         fail(errno.EINVAL)
     with vcpu.mutex:

@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import threading
+import time
 from typing import Any
 
 _running: dict[int, Any] = {}  # vcpu id() -> vcpu, while inside KVM_RUN
@@ -24,6 +25,7 @@ _lock = threading.Lock()
 _watcher_started = False
 _chained_fd = -1
 _write_fd = -1
+_asserted_at = -1e9
 
 
 def _watch(read_fd: int) -> None:
@@ -62,9 +64,16 @@ def start_signal_watcher() -> None:
         _chained_fd = current
 
 
+REASSERT_EVERY = 1.0  # seconds: set_wakeup_fd costs about 1.4 us, too much for every exit
+
+
 def enter_kvm_run(vcpu: Any) -> None:
     """Mark `vcpu` as inside KVM_RUN, so that signals reach it (the watcher kicks it)."""
-    start_signal_watcher()
+    global _asserted_at
+    now = time.monotonic()
+    if now - _asserted_at > REASSERT_EVERY:  # an event loop may have replaced our wakeup fd
+        start_signal_watcher()
+        _asserted_at = now
     with _lock:
         _running[id(vcpu)] = vcpu
 

@@ -648,15 +648,20 @@ class UcVcpu:
         self.intercepted_db = True
         self._stop(EXIT_REASON_EXCEPTION_NMI)
 
-    def rep_string_at(self, rip: int) -> tuple[bytes, int] | None:
-        """(prefixes, opcode) if the instruction at rip is a REP MOVS/STOS/OUTS, else None."""
+    def prefixes_at(self, rip: int) -> tuple[bytes, int | None]:
+        """The prefix bytes of the instruction at CS:rip and its first opcode byte."""
         code = self.cpu.read_code(rip, 15)
         n = 0
         while n < len(code) and code[n] in _PREFIXES:
             n += 1
-        prefixes = code[:n]
-        if n < len(code) and code[n] in _REP_WRITES and any(b in _REP_PREFIXES for b in prefixes):
-            return prefixes, code[n]
+        return code[:n], code[n] if n < len(code) else None
+
+    def rep_string_at(self, rip: int) -> tuple[bytes, int] | None:
+        """(prefixes, opcode) if the instruction at rip is a REP MOVS/STOS/OUTS, else None."""
+        prefixes, opcode = self.prefixes_at(rip)
+        if opcode in _REP_WRITES and any(b in _REP_PREFIXES for b in prefixes):
+            assert opcode is not None
+            return prefixes, opcode
         return None
 
     def _stepped_halt(self, rip: int) -> bool:
@@ -733,9 +738,5 @@ class UcVcpu:
         io.next_rip = self.rip
         io.rep = False
         if io.string:
-            code = self.cpu.read_code(io.insn_rip, 15)
-            n = 0
-            while n < len(code) and code[n] in _PREFIXES:
-                n += 1
-            io.prefixes = code[:n]
+            io.prefixes, _ = self.prefixes_at(io.insn_rip)
             io.rep = any(b in _REP_PREFIXES for b in io.prefixes)

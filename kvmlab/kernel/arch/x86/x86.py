@@ -44,8 +44,6 @@ from kvmlab.uapi import (
     KVM_EXIT_INTERNAL_ERROR,
     KVM_EXIT_INTR,
     KVM_EXIT_IO,
-    KVM_EXIT_IO_IN,
-    KVM_EXIT_IO_OUT,
     KVM_EXIT_IRQ_WINDOW_OPEN,
     KVM_EXIT_MMIO,
     KVM_EXIT_SHUTDOWN,
@@ -595,9 +593,7 @@ def handle_io(vcpu: KvmVcpu) -> int:
         return handle_string_io(vcpu)
     shared = vcpu.run_map
     size = io.size
-    vcpu.stat.io_exits += 1
-    _RUN_EXIT_REASON.pack_into(shared, 8, KVM_EXIT_IO)
-    _RUN_IO.pack_into(shared, 32, not io.is_in, size, io.port, 1, PIO_DATA_OFFSET)
+    report_io_exit(vcpu, io.is_in, size, io.port, 1)
     arch.cui_linear_rip = arch.rip = io.insn_rip
     arch.rip_dirty = True  # the CPU is already past the instruction
     arch.pio_size, arch.pio_next_rip = size, io.next_rip
@@ -611,6 +607,13 @@ def handle_io(vcpu: KvmVcpu) -> int:
     return 0
 
 
+def report_io_exit(vcpu: KvmVcpu, is_in: bool, size: int, port: int, count: int) -> None:
+    """KVM_EXIT_IO in kvm_run: direction, size, port, count, and the data on the PIO page."""
+    vcpu.stat.io_exits += 1
+    _RUN_EXIT_REASON.pack_into(vcpu.run_map, 8, KVM_EXIT_IO)
+    _RUN_IO.pack_into(vcpu.run_map, 32, not is_in, size, port, count, PIO_DATA_OFFSET)
+
+
 @traced("kvm_emulate_instruction")
 def handle_string_io(vcpu: KvmVcpu) -> int:
     """OUTS and INS go through KVM's instruction emulator.
@@ -622,16 +625,11 @@ def handle_string_io(vcpu: KvmVcpu) -> int:
     """
     arch = vcpu.arch
     io = arch.hw.io
-    run: Any = vcpu.run
-    vcpu.stat.io_exits += 1
-    run.exit_reason = KVM_EXIT_IO
-    run.io.size = io.size
-    run.io.port = io.port
-    run.io.data_offset = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
     if not io.is_in:
-        run.io.direction = KVM_EXIT_IO_OUT
-        run.io.count = 1
-        vcpu.run_map[PAGE_SIZE : PAGE_SIZE + io.size] = io.value.to_bytes(io.size, "little")
+        report_io_exit(vcpu, False, io.size, io.port, 1)
+        vcpu.run_map[PIO_DATA_OFFSET : PIO_DATA_OFFSET + io.size] = io.value.to_bytes(
+            io.size, "little"
+        )
         if io.rep:
             rep_string_exit(vcpu, io.insn_rip, io.insn_rip + len(io.prefixes) + 1, io.prefixes)
         return 0
@@ -646,9 +644,8 @@ def handle_string_io(vcpu: KvmVcpu) -> int:
         down = regs.rflags & X86_RFLAGS_DF
         in_page = (rdi & (PAGE_SIZE - 1)) if down else PAGE_SIZE - (rdi & (PAGE_SIZE - 1))
         count = max(min(in_page, 1024 // io.size, regs.rcx & amask), 1)
-    run.io.direction = KVM_EXIT_IO_IN
-    run.io.count = count
-    vcpu.run_map[PAGE_SIZE : PAGE_SIZE + count * io.size] = bytes(count * io.size)
+    report_io_exit(vcpu, True, io.size, io.port, count)
+    vcpu.run_map[PIO_DATA_OFFSET : PIO_DATA_OFFSET + count * io.size] = bytes(count * io.size)
     arch.pio_size = io.size
     arch.pio_next_rip = io.insn_rip + len(io.prefixes) + 1
     arch.complete_userspace_io = complete_emulated_pio_ins
@@ -745,14 +742,19 @@ def kvm_skip_emulated_instruction(vcpu: KvmVcpu, next_rip: int) -> int:
 
 def kvm_vcpu_do_singlestep(vcpu: KvmVcpu) -> int:
     """KVM_EXIT_DEBUG for a completed single step: #DB with DR6.BS, pc = the next rip."""
+    kvm_register_flush(vcpu)
+    return kvm_debug_exit(vcpu, DB_VECTOR, DR6_BS)
+
+
+def kvm_debug_exit(vcpu: KvmVcpu, vector: int, dr6_bits: int) -> int:
+    """Fill KVM_EXIT_DEBUG: the vector, the linear rip, DR6 and the guest's DR7 (as VMX does)."""
     arch = vcpu.arch
     run: Any = vcpu.run
-    kvm_register_flush(vcpu)
     run.exit_reason = KVM_EXIT_DEBUG
-    run.debug.arch.exception = DB_VECTOR
+    run.debug.arch.exception = vector
     run.debug.arch.pc = arch.hw.cpu.code_linear(arch.rip)
-    run.debug.arch.dr6 = DR6_ACTIVE_LOW | DR6_BS
-    run.debug.arch.dr7 = DR7_FIXED_1
+    run.debug.arch.dr6 = DR6_ACTIVE_LOW | dr6_bits
+    run.debug.arch.dr7 = DR7_FIXED_1 | arch.guest_dr7
     return 0
 
 
@@ -852,15 +854,9 @@ def handle_emulation_failure(vcpu: KvmVcpu) -> int:
 @traced()
 def handle_exception_nmi(vcpu: KvmVcpu) -> int:
     """An intercepted guest exception: #BP under KVM_GUESTDBG_USE_SW_BP is KVM_EXIT_DEBUG."""
-    arch = vcpu.arch
-    run: Any = vcpu.run
-    run.exit_reason = KVM_EXIT_DEBUG
-    vector = arch.hw.exception_vector
-    run.debug.arch.exception = vector
-    run.debug.arch.pc = arch.hw.cpu.code_linear(arch.rip)
-    run.debug.arch.dr6 = DR6_ACTIVE_LOW | (arch.hw.debug_dr6 if vector == DB_VECTOR else 0)
-    run.debug.arch.dr7 = DR7_FIXED_1 | arch.guest_dr7
-    return 0
+    hw = vcpu.arch.hw
+    vector = hw.exception_vector
+    return kvm_debug_exit(vcpu, vector, hw.debug_dr6 if vector == DB_VECTOR else 0)
 
 
 def handle_unsupported_delivery(vcpu: KvmVcpu) -> int:

@@ -19,7 +19,7 @@ from kvmlab.uapi import (
 )
 
 from .guest import Fds, machine, set_region
-from .registry import scenario
+from .registry import host_is_pvm, scenario
 from .scenarios_mmio import pick, run_mmio
 
 
@@ -104,3 +104,35 @@ def signal_interrupts_a_spinning_guest(k: Any) -> dict[str, Any]:
         signal.signal(signal.SIGUSR1, old)
     assert not alive and result == ["EINTR"] and reason == KVM_EXIT_INTR
     return {"result": result, "exit_reason": reason}
+
+
+# VMX (unrestricted guest) stores segments as VMCS access rights: the accessed bit is forced on
+# for every usable segment but LDTR, and a non-present segment becomes "unusable" with its
+# attributes cleared. PVM keeps what was written.
+VMX_SEGMENTS = {"ds_type": 3, "es": (0, 1, 0, 0), "ldt_type": 2}
+PVM_SEGMENTS = {"ds_type": 2, "es": (0, 0, 3, 1), "ldt_type": 2}
+
+
+@scenario(
+    documented={
+        "segments": {
+            "sim": VMX_SEGMENTS,
+            "host": PVM_SEGMENTS if host_is_pvm() else VMX_SEGMENTS,
+        }
+    }
+)
+def set_sregs_segment_attributes_as_vmx_stores_them(k: Any) -> dict[str, Any]:
+    """KVM_SET_SREGS then KVM_GET_SREGS: a data segment without the accessed bit, a
+    non-present ES, and an LDT of type 2 read back as the vendor stores them."""
+    with machine(k, b"\xf4") as m:
+        sregs = m.sregs()
+        sregs.ds.type, sregs.es.present, sregs.ldt.type = 2, 0, 2
+        m.set_sregs(sregs)
+        back = m.sregs()
+    seen = {
+        "ds_type": back.ds.type,
+        "es": (back.es.present, back.es.unusable, back.es.type, back.es.s),
+        "ldt_type": back.ldt.type,
+    }
+    assert seen in (VMX_SEGMENTS, PVM_SEGMENTS)
+    return {"segments": seen}

@@ -1,4 +1,4 @@
-"""A small PC: RAM, vCPUs, a UART, an exit device and a debug console, run on KVM.
+"""A small PC run on KVM: RAM, vCPUs, the 8259 PICs, the 8254 PIT, a UART and small ports.
 
 Two ways to run it:
 
@@ -24,7 +24,6 @@ import logging
 import mmap
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any
@@ -41,6 +40,9 @@ from kvmlab.vmm.cpu import (
 from kvmlab.vmm.exitlog import ExitLog, ExitRecord
 from kvmlab.vmm.hw.debugcon import DEBUGCON_IOBASE, DebugCon
 from kvmlab.vmm.hw.debugexit import DEBUG_EXIT_IOBASE, DEBUG_EXIT_IOSIZE, DebugExit
+from kvmlab.vmm.hw.i8254 import I8254, PCSPK_IOBASE, PIT_IOBASE, PIT_IOSIZE, PIT_IRQ, PCSpk
+from kvmlab.vmm.hw.i8259 import I8259, PIC_ELCR_IOBASE, PIC_MASTER_IOBASE, PIC_SLAVE_IOBASE
+from kvmlab.vmm.hw.post import POST_IOBASE, PostPort
 from kvmlab.vmm.hw.serial import Serial16550
 from kvmlab.vmm.i386 import kvm_arch_get_registers
 from kvmlab.vmm.kvm_all import (
@@ -55,11 +57,11 @@ from kvmlab.vmm.kvm_all import (
     qemu_cpu_kick,
 )
 from kvmlab.vmm.memory import IoBus, MmioBus
+from kvmlab.vmm.timer import TimerList
 
 log = logging.getLogger("kvmlab.vmm")
 DEFAULT_RAM_SIZE = 0x200000  # 2 MiB at guest-physical 0
 COM1_IOBASE, COM1_IRQ = 0x3F8, 4
-IRQ_VECTOR_BASE = 0x20  # ISA line n becomes vector 0x20 + n (a PIC programmed like Linux's)
 WAKE_INTERVAL = 0.05  # how often a waiting thread re-checks and re-kicks (seconds)
 STATES = ("created", "running", "paused", "shutdown", "internal-error", "debug", "stopped")
 
@@ -80,10 +82,12 @@ class RamBlock:
 class Machine:
     """A PC-like VM on the syscall face `k` (default: `kvmlab.sys`, the simulator).
 
-    `cpus` vCPUs, `ram_size` bytes of RAM at guest-physical 0, COM1 at 0x3f8 (`serial`),
-    isa-debug-exit at 0x501 (`debug_exit`) and the 0xe9 debug console (`debugcon`). More
-    devices go on `io` (ports) and `mmio` (addresses outside RAM). Use it as a context
-    manager, or call `close()`, to give the fds and memory back.
+    `cpus` vCPUs, `ram_size` bytes of RAM at guest-physical 0, the two 8259s at 0x20/0xa0
+    (`pic`, interrupts to vCPU 0), the 8254 at 0x40 (`pit`, IRQ 0) with port 0x61, COM1 at
+    0x3f8 (`serial`, IRQ 4), isa-debug-exit at 0x501 (`debug_exit`), the 0xe9 debug console
+    (`debugcon`) and the POST port 0x80 (`post`). The guest programs the PICs itself, as a
+    PC's firmware would. More devices go on `io` (ports) and `mmio` (addresses outside RAM).
+    Use it as a context manager, or call `close()`, to give the fds and memory back.
     """
 
     def __init__(
@@ -109,9 +113,9 @@ class Machine:
         self.cpus: list[CPUState] = []
         self._images: list[tuple[int, bytes]] = []  # what load() wrote: reloaded on reset
         self._boot_state: dict[int, tuple[bytes, bytes]] = {}  # cpu -> (regs, sregs) at reset
-        self._irq_levels: set[int] = set()
-        self._pending_vectors: deque[int] = deque()
         self._threads: list[threading.Thread] = []
+        self.timers = TimerList(self.bql)
+        self.timers.start()
         kvm_init_cpu_signals()
         self.kvm: KVMState | None = kvm_init(self.k)
         try:
@@ -123,6 +127,15 @@ class Machine:
         except BaseException:
             self.close()
             raise
+        self.pic = I8259(on_int=self.pic_irq_request)
+        self.io.register(PIC_MASTER_IOBASE, 2, self.pic.master)
+        self.io.register(PIC_SLAVE_IOBASE, 2, self.pic.slave)
+        self.io.register(PIC_ELCR_IOBASE, 2, self.pic.elcr)
+        self.pit = I8254(self.timers, on_irq=lambda level: self.set_irq(PIT_IRQ, level))
+        self.io.register(PIT_IOBASE, PIT_IOSIZE, self.pit)
+        self.io.register(PCSPK_IOBASE, 1, PCSpk(self.pit))
+        self.post = PostPort()
+        self.io.register(POST_IOBASE, 1, self.post)
         self.serial = Serial16550(on_irq=lambda level: self.set_irq(COM1_IRQ, level), lock=self.bql)
         self.io.register(COM1_IOBASE, 8, self.serial)
         self.debug_exit = DebugExit(on_exit=self.qemu_system_shutdown_request)
@@ -205,27 +218,25 @@ class Machine:
             self.setup_cpu(cpu.cpu_index, mode, entry)
         return self
 
-    # --- interrupts (a PIC in one line: each rising edge of ISA line n is vector 0x20 + n) -----
+    # --- interrupts: ISA lines -> the 8259s -> INT of vCPU 0 (no APIC: QEMU's pic_irq_request) --
 
     def set_irq(self, line: int, level: bool) -> None:
-        """A device's interrupt line changed; a rising edge queues a vector for vCPU 0."""
+        """A device's ISA interrupt line (0-15) changed level."""
         with self.bql:
-            if level and line not in self._irq_levels:
-                self._pending_vectors.append(IRQ_VECTOR_BASE + line)
-                cpu = self.cpus[0]
-                cpu.interrupt_request |= CPU_INTERRUPT_HARD
-                qemu_cpu_kick(cpu)
-            if level:
-                self._irq_levels.add(line)
-            else:
-                self._irq_levels.discard(line)
+            self.pic.set_irq(line, level)
+
+    def pic_irq_request(self, level: bool) -> None:
+        """The master PIC's INT pin: pending for vCPU 0 while high, and a kick when it rises."""
+        cpu = self.cpus[0]
+        if level:
+            cpu.interrupt_request |= CPU_INTERRUPT_HARD
+            qemu_cpu_kick(cpu)
+        else:
+            cpu.interrupt_request &= ~CPU_INTERRUPT_HARD
 
     def cpu_get_pic_interrupt(self, cpu: CPUState) -> int:
-        """The next vector for `cpu` (-1 if none); CPU_INTERRUPT_HARD stays while more wait."""
-        vector = self._pending_vectors.popleft() if self._pending_vectors else -1
-        if not self._pending_vectors:
-            cpu.interrupt_request &= ~CPU_INTERRUPT_HARD
-        return vector
+        """The INTA cycle: the vector the PICs deliver now (INT drops if nothing else waits)."""
+        return self.pic.pic_read_irq()
 
     # --- requests from devices and exits ------------------------------------------------------
 
@@ -277,6 +288,8 @@ class Machine:
                         self.qemu_system_reset()
                         continue
                     self._after_exec(c, r)
+                    if r == EXCP_HLT and self._wait_for_work(c):
+                        continue
                     if r != EXCP_INTERRUPT or c.stop or c.unplug or self.state != "created":
                         return r
             finally:
@@ -298,6 +311,17 @@ class Machine:
                 self._release_sync_run(c)
             grew = self.exit_log.dropped + len(self.exit_log) > before
             return self.exit_log[-1] if grew else None
+
+    def _wait_for_work(self, cpu: CPUState, limit: float = 1.0) -> bool:
+        """A synchronous run halted with a timer armed: wait (BQL released) for it to fire.
+
+        False at once if nothing can wake the vCPU (IF clear, no timer), or after `limit`
+        seconds without an interrupt it can take (a masked line, say).
+        """
+        if not (cpu.if_flag and self.timers.armed()):
+            return False
+        woke = cpu.halt_cond.wait_for(lambda: self.cpu_has_work(cpu) or cpu.stop, limit)
+        return woke and not cpu.stop
 
     def _claim_for_sync_run(self, cpu: CPUState) -> None:
         if self._threads:
@@ -370,6 +394,12 @@ class Machine:
     def cpu_has_work(cpu: CPUState) -> bool:
         """An interrupt the vCPU can take now (what wakes it from HLT)."""
         return bool(cpu.interrupt_request & CPU_INTERRUPT_HARD) and cpu.if_flag
+
+    def _halted_for_good(self, cpu: CPUState) -> bool:
+        """Halted with no interrupt to take now and none that a timer could bring."""
+        if not cpu.halted or self.cpu_has_work(cpu):
+            return False
+        return not (cpu.if_flag and self.timers.armed())
 
     def cpu_thread_is_idle(self, cpu: CPUState) -> bool:
         if cpu.stop or cpu.unplug:
@@ -447,7 +477,7 @@ class Machine:
         def quiet() -> bool:
             if self.state != "running":
                 return True
-            return all(c.stopped or (c.halted and not self.cpu_has_work(c)) for c in self.cpus)
+            return all(c.stopped or self._halted_for_good(c) for c in self.cpus)
 
         with self.bql:
             return self.state_cond.wait_for(quiet, timeout)
@@ -524,8 +554,6 @@ class Machine:
                 cpu.vcpu_dirty = True
                 cpu.halted = False
                 cpu.interrupt_request = 0
-            self._pending_vectors.clear()
-            self._irq_levels.clear()
             for gpa, data in self._images:
                 self.memory_write(gpa, data)
             for device in self.io.devices() + self.mmio.devices():
@@ -537,6 +565,7 @@ class Machine:
 
     def close(self) -> None:
         """Stop the vCPUs and give back every fd and mapping (kept if a vCPU is stuck)."""
+        self.timers.close()
         if not self.stop():
             log.error("close(): leaving the VM's fds open, a vCPU thread is still running")
             return

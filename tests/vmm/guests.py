@@ -109,10 +109,16 @@ JUMP_OUTSIDE_RAM = (
     + bytes([0xFF, 0xE0])  # jmp eax
 )  # fmt: skip
 
-# Long mode, interrupt-driven COM1 input: IRQ 4 arrives as vector 0x24.
+# Long mode, interrupt-driven COM1 input: the guest programs the master PIC (vectors 0x20-0x27,
+# all lines masked but 4), so IRQ 4 arrives as vector 0x24; the handler ends with an EOI.
 IRQ_IDTR, IRQ_IDT, IRQ_HANDLER, IRQ_VECTOR = 0x2F00, 0x3000, 0x1100, 0x24
 IRQ_MAIN = (
     bytes([0x0F, 0x01, 0x1C, 0x25]) + struct.pack("<I", IRQ_IDTR)  # lidt [IRQ_IDTR]
+    + bytes([0xB0, 0x11, 0xE6, 0x20])  # mov al, 0x11 ; out 0x20, al   ICW1: edge, cascade, ICW4
+    + bytes([0xB0, 0x20, 0xE6, 0x21])  # mov al, 0x20 ; out 0x21, al   ICW2: vector base 0x20
+    + bytes([0xB0, 0x04, 0xE6, 0x21])  # mov al, 0x04 ; out 0x21, al   ICW3: slave on line 2
+    + bytes([0xB0, 0x01, 0xE6, 0x21])  # mov al, 0x01 ; out 0x21, al   ICW4: 8086 mode
+    + bytes([0xB0, 0xEF, 0xE6, 0x21])  # mov al, 0xef ; out 0x21, al   OCW1: only IRQ 4 open
     + bytes([0x66, 0xBA, 0xF9, 0x03])  # mov dx, 0x3f9     ; IER
     + bytes([0xB0, 0x01])  #             mov al, 1         ; interrupt on received data
     + bytes([0xEE])  #                   out dx, al
@@ -130,7 +136,8 @@ IRQ_HANDLER_CODE = bytes(
         0xEC,                    #       in al, dx        ; RBR
         0xE6, 0xE9,              #       out 0xe9, al     ; echo on the debug console
         0xEB, 0xEE,              #       jmp h            ; drain the FIFO, as a driver does
-        0x48, 0xCF,              # done: iretq
+        0xB0, 0x20, 0xE6, 0x20,  # done: mov al, 0x20 ; out 0x20, al  ; EOI
+        0x48, 0xCF,              #       iretq
     ]
 )  # fmt: skip
 IRQ_IDTR_BYTES = struct.pack("<HQ", 256 * 16 - 1, IRQ_IDT)

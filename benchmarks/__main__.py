@@ -1,7 +1,8 @@
 """Run every benchmark: `python -m benchmarks` (or `make bench`)."""
 
-from benchmarks import kvm_run, lifetimes
+from benchmarks import kvm_run, lifetimes, workbench
 
 if __name__ == "__main__":
     kvm_run.main()
     lifetimes.main()
+    workbench.main()

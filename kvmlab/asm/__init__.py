@@ -6,9 +6,11 @@
     program.line_at(rip)    # the source line the vCPU stopped on
 
 kvmlab's dialect is Keystone's GNU-style Intel syntax, except that `;` starts a comment (as in
-NASM) instead of separating statements. Keystone runs in a child process with a timeout, errors
-carry their line, and Keystone's known wrong encodings are repaired (16-bit `call`/`ret`/`retf`/
-`push imm`, 64-bit `[absolute]`) or refused (truncated immediates, out-of-reach `loop`).
+NASM) instead of separating statements, and NASM's `bits`, `db`/`dw`/`dd`/`dq`, `resb`...,
+`times COUNT db VALUE` and `equ` are read as the GNU directives they mean. Keystone runs in a
+child process with a timeout, errors carry their line, and Keystone's known wrong encodings are
+repaired (16-bit `call`/`ret`/`retf`/`push imm`, 64-bit `[absolute]`) or refused (truncated
+immediates, out-of-reach `loop`).
 """
 
 from kvmlab.asm.assembler import assemble

@@ -28,19 +28,9 @@ _MARK = "__kvmlab_line_"
 _TAIL = "__kvmlab_tail"  # after the last line, before an arm64 literal pool
 _END = "__kvmlab_end"
 _NASM = {
-    "db": "write `.byte` (or `.ascii`/`.asciz` for text)",
-    "dw": "write `.word`",
-    "dd": "write `.long`",
-    "dq": "write `.quad`",
-    "resb": "write `.fill COUNT, 1, 0`",
-    "times": "write `.fill COUNT, SIZE, VALUE`, or `.rept COUNT` ... `.endr`",
     "org": "pass base=ADDRESS to assemble()",
-    "bits": "write `.code16`, `.code32` or `.code64`",
-    "use16": "write `.code16`",
-    "use32": "write `.code32`",
     "section": "kvmlab assembles one flat block of bytes, without sections",
     "global": "kvmlab has no linker: leave it out",
-    "equ": "write `.set NAME, value`",
 }
 
 

@@ -34,7 +34,8 @@ class AsmWarning:
 class ListingLine:
     """One source line and the bytes it became at `address` (empty for labels and comments).
 
-    `note` says when kvmlab encoded the line itself because Keystone gets it wrong.
+    `note` says when kvmlab rewrote the line: a NASM habit read as Keystone's directive, or
+    an instruction encoded by kvmlab because Keystone gets it wrong.
     """
 
     line: int

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from kvmlab.asm.expr import evaluate, names
+from kvmlab.asm.nasm import from_nasm
 from kvmlab.asm.program import AsmError
 
 ORIGIN = "__kvmlab_origin"  # a label at `base`, defined in every source kvmlab gives Keystone
@@ -146,7 +147,11 @@ def parse(text: str, *, arch: str, mode: str, base: int) -> Source:
             labels.append(match.group(1))
             code = code[match.end() :]
         in_macro = any(block.word == ".macro" for block in blocks)
-        line = Line(number, raw, labels, code.strip(), mode, not blocks, in_macro)
+        body, note = code.strip(), None
+        if arch == "x86":
+            named, body, note = from_nasm(number, raw, body)
+            labels += named
+        line = Line(number, raw, labels, body, mode, not blocks, in_macro, note=note)
         word = line.word
         if word in (".rept", ".irp", ".irpc", ".macro") or word.startswith(".if"):
             blocks.append(line)
@@ -231,7 +236,7 @@ def _check(line: Line) -> None:
         bits = re.fullmatch(r"\[\s*bits\s+(\d+)\s*\]", body, re.IGNORECASE)
         org = re.fullmatch(r"\[\s*org\s+(.+?)\s*\]", body, re.IGNORECASE)
         if bits:
-            message = f"NASM's `{body}` is not supported: write `.code{bits.group(1)}`"
+            message = f"`{body}`: kvmlab reads `bits` as 16, 32 or 64 only"
         elif org:
             message = f"NASM's `{body}` is not supported: pass base={org.group(1)} to assemble()"
         else:

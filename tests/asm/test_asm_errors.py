@@ -140,18 +140,20 @@ def test_short_jump_out_of_reach_is_blamed_on_the_jump_not_on_the_code_between()
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("[bits 32]", "NASM's `[bits 32]` is not supported: write `.code32`"),
+        ("[bits 8]", "`[bits 8]`: kvmlab reads `bits` as 16, 32 or 64 only"),
         ("[org 0x7c00]", "NASM's `[org 0x7c00]` is not supported: pass base=0x7c00 to assemble()"),
-        ("bits 16", "NASM's `bits` is not supported: write `.code16`, `.code32` or `.code64`"),
+        ("org 0x7c00", "NASM's `org` is not supported: pass base=ADDRESS to assemble()"),
+        ("dw 'hi'", "a string in `dw` is not supported: put text in `db`"),
+        ("db", "missing operand"),
         (
-            "msg db 'hi', 0",
-            "NASM's `db` is not supported: write `.byte` (or `.ascii`/`.asciz` for text)",
+            "times 4 nop",
+            "kvmlab reads `times COUNT db VALUE` only: write `.rept COUNT` ... `.endr`",
         ),
         (
-            "times 510 db 0",
-            "NASM's `times` is not supported: write `.fill COUNT, SIZE, VALUE`, or `.rept COUNT`"
-            " ... `.endr`",
+            "times 510-($-$$) db 0",
+            "`$` in a `times` count is not supported (Keystone cannot size it): give a number",
         ),
+        ("db `\\q`", "unknown escape `\\q` in a backquoted string"),
         (
             "%define X 1",
             "NASM's preprocessor is not supported: write `.set NAME, value` for `%define`",

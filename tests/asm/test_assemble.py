@@ -160,3 +160,41 @@ def test_bad_mode_arch_or_base_is_a_value_error(kwargs: dict[str, object], messa
 
 def test_docstring_example_runs() -> None:
     assert doctest.testmod(kvmlab.asm.assembler).failed == 0
+
+
+def test_nasm_data_bits_and_constants_are_read_as_the_gnu_directives_they_mean() -> None:
+    source = """bits 16
+start:
+    mov si, msg
+    hlt
+msg db 'hi', 10, 0          ; a label without a colon, as NASM allows
+esc: db `a\\n`, "\\n"       ; backquotes take escapes, double quotes do not
+w dw 0x1234, start
+d dd 7
+q dq -1
+buf resb 2
+pad: times 3 db 0x90
+K equ 5
+    mov al, K
+[bits 32]
+    mov eax, 1
+"""
+    program = assemble(source, base=0x1000)
+    expected = (
+        bytes.fromhex("be0410 f4")
+        + b"hi\n\0"
+        + b"a\n\\n"
+        + bytes.fromhex("3412 0010")
+        + (7).to_bytes(4, "little")
+        + b"\xff" * 8
+        + bytes(2)
+        + b"\x90" * 3
+        + bytes.fromhex("b005 b801000000")
+    )
+    assert program.code == expected
+    assert program.labels["msg"] == 0x1004 and program.labels["buf"] == 0x1004 + 4 + 4 + 4 + 4 + 8
+    notes = {entry.line: entry.note for entry in program.lines if entry.note}
+    assert notes[1] == "NASM's `bits 16` read as `.code16`"
+    assert notes[5] == "NASM's `db` read as `.byte`"
+    assert notes[12] == "NASM's `equ` read as `.set K, ...`"
+    assert program.lines[-1].mode == "32"

@@ -218,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-exits", type=int, default=10_000)
     run.add_argument("--timeout", type=float, default=10.0, help="seconds before a stop")
     sub.add_parser("info", help="the backends on this machine and their capabilities")
+    from kvmlab.grader.cli import add_commands  # the graded exercises: `exercises`, `grade`
+
+    add_commands(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "handler"):
+        return int(args.handler(args))
     if args.command == "run":
         return run_guest(args)
     if args.command == "info":

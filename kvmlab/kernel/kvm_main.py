@@ -471,6 +471,9 @@ def kvm_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
                 fail(errno.EINVAL)
             if vcpu.pid != threading.get_ident():  # kvm_arch_vcpu_run_pid_change
                 note("vcpu->pid changes", thread=threading.current_thread().name)
+                run_pid_change = getattr(kvm.arch_ops, "kvm_arch_vcpu_run_pid_change", None)
+                if run_pid_change is not None:  # arm64: ENOEXEC before KVM_ARM_VCPU_INIT
+                    run_pid_change(vcpu)
                 vcpu.pid = threading.get_ident()
             signals.enter_kvm_run(vcpu)
             try:

@@ -3,6 +3,7 @@
 `from kvmlab.uapi import *` gives what a C program gets from <linux/kvm.h> on x86_64.
 """
 
+from kvmlab.uapi import arm64 as _arm64
 from kvmlab.uapi.kvm import *  # noqa: F403
 from kvmlab.uapi.x86 import *  # noqa: F403
 
@@ -20,3 +21,4 @@ _IOCTL_NAMES = {
     and (value >> 8) & 0xFF == 0xAE  # KVMIO in the type byte: an ioctl, not a flag or a number
     and not name.startswith(("KVM_CAP_", "KVM_EXIT_"))
 }
+_IOCTL_NAMES.update(_arm64.ARM64_IOCTL_NAMES)  # arm64-only ioctls, named in traces

@@ -10,7 +10,7 @@ import ctypes
 from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Any
 
-from kvmlab.uapi.ioctl import _IO, _IOR, _IOW
+from kvmlab.uapi.ioctl import _IO, _IOR, _IOW, _IOWR
 
 KVMIO = 0xAE
 KVM_API_VERSION = 12
@@ -170,6 +170,24 @@ class kvm_mp_state(ctypes.Structure):  # noqa: N801
     _fields_ = [("mp_state", c_uint32)]
 
 
+class kvm_one_reg(ctypes.Structure):  # noqa: N801
+    """KVM_GET_ONE_REG / KVM_SET_ONE_REG: a register id and the address of its value."""
+
+    _fields_ = [("id", c_uint64), ("addr", c_uint64)]
+
+
+class kvm_reg_list(ctypes.Structure):  # noqa: N801
+    """KVM_GET_REG_LIST's header: n, followed in memory by n u64 register ids."""
+
+    _fields_ = [("n", c_uint64)]
+
+
+class kvm_irq_level(ctypes.Structure):  # noqa: N801
+    """KVM_IRQ_LINE: an interrupt line (its encoding is the arch's) and its new level."""
+
+    _fields_ = [("irq", c_uint32), ("level", c_uint32)]
+
+
 class kvm_run_io(ctypes.Structure):  # noqa: N801
     """kvm_run.io: a port access; data is count*size bytes at (char *)run + data_offset."""
 
@@ -296,6 +314,7 @@ KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, ctypes.sizeof(kvm_dirty_log))
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, ctypes.sizeof(kvm_userspace_memory_region))
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
+KVM_IRQ_LINE = _IOW(KVMIO, 0x61, ctypes.sizeof(kvm_irq_level))
 
 # --- ioctls on a vCPU fd ------------------------------------------------------------------------
 KVM_RUN = _IO(KVMIO, 0x80)
@@ -303,3 +322,6 @@ KVM_INTERRUPT = _IOW(KVMIO, 0x86, ctypes.sizeof(kvm_interrupt))
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, ctypes.sizeof(kvm_mp_state))
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, ctypes.sizeof(kvm_mp_state))
 KVM_NMI = _IO(KVMIO, 0x9A)
+KVM_GET_ONE_REG = _IOW(KVMIO, 0xAB, ctypes.sizeof(kvm_one_reg))
+KVM_SET_ONE_REG = _IOW(KVMIO, 0xAC, ctypes.sizeof(kvm_one_reg))
+KVM_GET_REG_LIST = _IOWR(KVMIO, 0xB0, ctypes.sizeof(kvm_reg_list))

@@ -35,6 +35,19 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {}
 
 
+class OneOf:
+    """A documented value a host gives in one of several forms, depending on timing."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values = values
+
+    def __eq__(self, other: object) -> bool:
+        return other in self.values
+
+    def __repr__(self) -> str:
+        return f"one of {self.values!r}"
+
+
 def scenario(
     fn: ScenarioFn | None = None, *, documented: dict[str, dict[Backend, Any]] | None = None
 ) -> Any:

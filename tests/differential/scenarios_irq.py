@@ -264,8 +264,8 @@ def irq_window_open(k: Any) -> dict[str, Any]:
 
     Upstream VMX (the simulator): KVM_EXIT_IRQ_WINDOW_OPEN as soon as the guest can take an
     interrupt (ready_for_interrupt_injection=1, if_flag=1). PVM seldom produces that exit: the
-    guest usually runs on to HLT, which reports ready 1 / if_flag 1. Either way, a vector injected at
-    that exit is delivered through the IVT and the guest resumes."""
+    guest usually runs on to HLT, which reports ready 1 / if_flag 1. Either way, a vector
+    injected at that exit is delivered through the IVT and the guest resumes."""
     out: dict[str, Any] = {}
     for label, rflags in (("if0", 0x2), ("if1", 0x2 | IF)):
         with machine(k, WINDOW_CODE) as m:
@@ -295,6 +295,21 @@ def irq_window_open(k: Any) -> dict[str, Any]:
             out["if0_final_rip"] = m.regs().rip
     assert out["if0_inject"] == 0
     assert out["if0_handler"] == [b"\x20"] and out["if0_final"] == "HLT"
+    return out
+
+
+@scenario
+def hlt_while_the_window_is_requested(k: Any) -> dict[str, Any]:
+    """IF=0 and request_interrupt_window=1: the window never opens, and the HLT still exits
+    to userspace (with rip past it), not run through as the simulator once did."""
+    code = b"\x90\x90\xf4\xe6\x10\xf4"  # nop; nop; hlt; out 0x10, al; hlt
+    with machine(k, code) as m:
+        m.update_regs(rflags=0x2)
+        m.runmap[0] = 1  # request_interrupt_window
+        reason = m.run()
+        header = m.header()
+        out = {"exit": name(reason), "rip": m.regs().rip, "if_flag": header["if_flag"]}
+    assert out == {"exit": "HLT", "rip": CODE_ADDR + 3, "if_flag": 0}
     return out
 
 

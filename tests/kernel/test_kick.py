@@ -22,6 +22,7 @@ from kvmlab.uapi import (
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
     KVM_EXIT_HLT,
+    KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_RUN,
     KVM_SET_REGS,
@@ -81,6 +82,72 @@ def test_kicks_never_run_an_instruction_twice() -> None:
         thread.join()
     assert interrupted > 10  # the guest really was kicked out many times
     assert struct.unpack_from("<I", ram, 0x3000)[0] == ITERATIONS
+    del run
+    shared.close()
+    for f in (fd, vm, kvm):
+        k.close(f)
+
+
+# 32-bit: mov ecx, 20 / l: dec ecx / jnz l / hlt
+SHORT_LOOP = b"\xb9" + struct.pack("<I", 20) + b"\x49\x75\xfd\xf4"
+HLT_END = 0x1000 + len(SHORT_LOOP)  # rip once the hlt has run
+
+
+def test_a_kick_as_the_guest_halts_never_hides_the_hlt() -> None:
+    """A kick landing while HLT runs: KVM reports the HLT (the kick waits for the next entry).
+
+    Were the kick reported instead (EINTR), rip would already be past the hlt, and the VMM
+    would re-enter the guest after an instruction it never heard of.
+    """
+    kvm = k.open("/dev/kvm", os.O_RDWR)
+    vm = k.ioctl(kvm, KVM_CREATE_VM, 0)
+    ram = mmap.mmap(-1, 0x10000)
+    ram[0x1000 : 0x1000 + len(SHORT_LOOP)] = SHORT_LOOP
+    hva = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    k.ioctl(vm, KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region(0, 0, 0, 0x10000, hva))
+    fd = k.ioctl(vm, KVM_CREATE_VCPU, 0)
+    shared = k.mmap(fd, 3 * 4096)
+    run = kvm_run.from_buffer(shared)
+    sregs = kvm_sregs()
+    k.ioctl(fd, KVM_GET_SREGS, sregs)
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
+        seg.base, seg.limit, seg.db, seg.g = 0, 0xFFFFFFFF, 1, 1
+    sregs.cr0 |= 1
+    k.ioctl(fd, KVM_SET_SREGS, sregs)
+    vcpu = fs.fdget(fd).private_data  # type: ignore[union-attr]
+    done = threading.Event()
+
+    def kicker() -> None:
+        while not done.is_set():
+            kvm_vcpu_kick(vcpu)
+            time.sleep(0)
+
+    thread = threading.Thread(target=kicker)
+    thread.start()
+    hidden, halts, kicks = 0, 0, 0
+    regs = kvm_regs()
+    try:
+        for _ in range(3000):
+            k.ioctl(fd, KVM_SET_REGS, kvm_regs(rip=0x1000, rflags=2))
+            while True:
+                try:
+                    k.ioctl(fd, KVM_RUN, 0)
+                except OSError as e:
+                    assert e.errno == errno.EINTR
+                    kicks += 1
+                    k.ioctl(fd, KVM_GET_REGS, regs)
+                    if regs.rip == HLT_END:
+                        hidden += 1
+                        break
+                    continue
+                assert run.exit_reason == KVM_EXIT_HLT
+                halts += 1
+                break
+    finally:
+        done.set()
+        thread.join()
+    assert kicks > 10
+    assert (hidden, halts) == (0, 3000)
     del run
     shared.close()
     for f in (fd, vm, kvm):

@@ -11,6 +11,7 @@ exactly after the IO instruction, as a VM exit would (docs/engine.md).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import functools
@@ -147,6 +148,49 @@ def emu_count_offset() -> int:
     uc.emu_start(0x100, 0, count=marker)
     if len(found) != 1 or uc.reg_read(UC_X86_REG_RIP) != 0x103:
         raise RuntimeError(f"kvmlab cannot find Unicorn's instruction budget {found}")
+    return found[0]
+
+
+@functools.cache
+def halted_flag_offsets() -> tuple[int, int]:
+    """Where Unicorn keeps its CPU's `halted` flag: (offset of the CPUState pointer in
+    uc_struct, offset of `halted` in CPUState).
+
+    Found once per process, as emu_count_offset is: a scratch engine stops alternately after a
+    `nop` (not halted) and on a `hlt` (halted), and the one 32-bit word behind a uc_struct
+    pointer that reads 0, 1, 0, 1 across those runs is the flag. A Unicorn where it is not
+    unique fails here loudly.
+    """
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, PAGE_SIZE)
+    uc.mem_write(0x100, b"\x90\xf4")  # nop; hlt
+    handle = engine_address(uc)
+    struct_bytes = copy_from_user(handle, 0x1000)
+    pointers = {
+        offset: int.from_bytes(struct_bytes[offset : offset + 8], "little")
+        for offset in range(0, len(struct_bytes), 8)
+    }
+    pointers = {o: p for o, p in pointers.items() if 1 << 20 < p < 1 << 47 and not p % 8}
+    runs: list[dict[int, bytearray]] = []
+    for count in (1, 2, 1, 2):  # after the nop; on the hlt
+        uc.emu_start(0x100, 0, count=count)
+        snapshot = {}
+        for offset, pointer in pointers.items():
+            with contextlib.suppress(OSError):  # not every word is a pointer to readable memory
+                snapshot[offset] = copy_from_user(pointer, 0x10000)
+        runs.append(snapshot)
+    found = []
+    for offset in pointers:
+        if not all(offset in run for run in runs) or runs[0][offset] == runs[1][offset]:
+            continue
+        words = [array.array("I", run[offset]) for run in runs]
+        found += [
+            (offset, 4 * i)
+            for i, pattern in enumerate(zip(*words, strict=True))
+            if pattern == (0, 1, 0, 1)
+        ]
+    if len(found) != 1:
+        raise RuntimeError(f"kvmlab cannot find Unicorn's CPUState.halted {found}")
     return found[0]
 
 
@@ -578,8 +622,6 @@ class UcVcpu:
                 if reason == EXIT_REASON_MONITOR_TRAP_FLAG and not step and not retire_only:
                     rip = self.rip  # the replayed instruction retired; carry on
                     continue
-            if reason == EXIT_REASON_MONITOR_TRAP_FLAG and self._stepped_halt(rip):
-                return self._set_reason(EXIT_REASON_HLT)
             return reason
 
     def _write_protected(self, rip: int) -> int | None:
@@ -664,9 +706,11 @@ class UcVcpu:
             return prefixes, opcode
         return None
 
-    def _stepped_halt(self, rip: int) -> bool:
-        """Was the instruction a single step just ran a HLT? (KVM reports HLT, not DEBUG.)"""
-        return self.cpu.read_code(rip, 1) == b"\xf4"
+    def _halted(self) -> bool:
+        """Did the run end in HLT? (Unicorn's CPUState.halted, set by HLT, cleared per run.)"""
+        cpu_pointer, halted = halted_flag_offsets()
+        cpu = ctypes.c_uint64.from_address(self._h + cpu_pointer).value
+        return ctypes.c_uint32.from_address(cpu + halted).value == 1
 
     def _end_replay(self) -> None:
         self.replaying = False
@@ -710,13 +754,14 @@ class UcVcpu:
             if self.exit_reason == EXIT_REASON_IO_INSTRUCTION:
                 self._decode_io(rsi)
             return self.exit_reason
-        # emu_start returned by itself: a kick, the end of a counted run, or HLT.
-        if kicked:
+        # emu_start returned by itself: a kick, the end of a counted run, or HLT. A kick that
+        # lands as HLT runs must not hide it: KVM reports the HLT; the kick is served by it.
+        if kicked and not self._halted():
             return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT)
         if self.rflags & X86_RFLAGS_RF:  # an instruction retired: the CPU clears RF (QEMU does not)
             self.rflags &= ~X86_RFLAGS_RF
             self.cpu.write_reg(UC_X86_REG_RFLAGS, self.rflags)
-        if count == 1:
+        if count == 1 and not self._halted():  # a step over HLT is a HLT exit, as in KVM
             return self._set_reason(EXIT_REASON_MONITOR_TRAP_FLAG)
         return self._set_reason(EXIT_REASON_HLT)
 

@@ -1,9 +1,10 @@
 ; Count timer interrupts: program the 8259 PICs (IRQ 0 -> vector 0x20), the 8254 PIT
 ; (channel 0, rate generator, 100 Hz) and the real-mode interrupt vector table, then
-; `sti; hlt` until ten ticks have come. Each tick prints '.', and the handler ends with an
-; EOI to the master PIC. Without an in-kernel irqchip every interrupt travels through the
-; VMM: the PIT model raises IRQ 0, the PIC model asks for the vCPU, and kvm_arch_pre_run
-; injects vector 0x20 with KVM_INTERRUPT, or requests an interrupt window if IF is clear.
+; `sti; hlt` until ten ticks have come. Each tick prints '.', the tenth masks the line, and
+; the handler ends with an EOI to the master PIC. Without an in-kernel irqchip every
+; interrupt travels through the VMM: the PIT model raises IRQ 0, the PIC model asks for the
+; vCPU, and kvm_arch_pre_run injects vector 0x20 with KVM_INTERRUPT, or requests an
+; interrupt window if IF is clear.
 .code16
     cli
     mov word ptr [0x20 * 4], tick        ; IVT[0x20] = 0000:tick
@@ -51,6 +52,11 @@ tick:
     out 0x80, al                          ; the POST port keeps the last code written
     mov dx, 0x3f8
     out dx, al
+    cmp word ptr [ticks], 10
+    jb eoi
+    mov al, 0xff                          ; the tenth tick: mask IRQ 0, so no eleventh
+    out 0x21, al                          ; comes between the main loop's check and its cli
+eoi:
     mov al, 0x20                          ; EOI
     out 0x20, al
     pop dx

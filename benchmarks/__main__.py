@@ -1,8 +1,9 @@
 """Run every benchmark: `python -m benchmarks` (or `make bench`)."""
 
-from benchmarks import kvm_run, lifetimes, workbench
+from benchmarks import kvm_run, lifetimes, vmm, workbench
 
 if __name__ == "__main__":
     kvm_run.main()
     lifetimes.main()
+    vmm.main()
     workbench.main()

@@ -65,6 +65,7 @@ class KvmArch(Protocol):
     KVM_VCPU_MMAP_PAGES: int
     kvm_run_type: type[ctypes.Structure]
 
+    def kvm_arch_dev_ioctl(self, cmd: int, arg: int) -> int: ...
     def kvm_arch_init_vm(self, kvm: Kvm, type_: int) -> None: ...
     def kvm_arch_destroy_vm(self, kvm: Kvm) -> None: ...
     def kvm_vm_ioctl_check_extension(self, kvm: Kvm | None, cap: int) -> int: ...
@@ -272,7 +273,7 @@ def kvm_dev_ioctl(cmd: int, arg: int) -> int:
         if arg:
             fail(errno.EINVAL)
         return arch.KVM_VCPU_MMAP_PAGES * PAGE_SIZE
-    fail(errno.EINVAL)  # kvm_arch_dev_ioctl's default
+    return arch.kvm_arch_dev_ioctl(cmd, arg)
 
 
 @traced(args=lambda type_: {"type": type_})

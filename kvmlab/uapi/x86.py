@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
+from typing import Any
 
-from kvmlab.uapi.ioctl import _IOR, _IOW
+from kvmlab.uapi.ioctl import _IOR, _IOW, _IOWR
 from kvmlab.uapi.kvm import KVMIO, make_kvm_run
 
 KVM_NR_INTERRUPTS = 256
@@ -181,6 +183,85 @@ class kvm_sync_regs(ctypes.Structure):  # noqa: N801
 
 kvm_run = make_kvm_run(kvm_debug_exit_arch, kvm_sync_regs)
 
+
+class kvm_fpu(ctypes.Structure):  # noqa: N801
+    """KVM_GET_FPU / KVM_SET_FPU: the x87 registers and status, and the SSE registers."""
+
+    _fields_ = [
+        ("fpr", (c_uint8 * 16) * 8),  # ST0-ST7: 80-bit values in 16-byte slots
+        ("fcw", c_uint16),
+        ("fsw", c_uint16),
+        ("ftwx", c_uint8),  # the abridged (FXSAVE) tag word: one bit per register
+        ("pad1", c_uint8),
+        ("last_opcode", c_uint16),
+        ("last_ip", c_uint64),
+        ("last_dp", c_uint64),
+        ("xmm", (c_uint8 * 16) * 16),
+        ("mxcsr", c_uint32),
+        ("pad2", c_uint32),
+    ]
+
+
+# --- variable-length structures: a header followed by a flexible array of entries ---------------
+
+
+class kvm_cpuid_entry2(ctypes.Structure):  # noqa: N801
+    """One CPUID leaf (function) and subleaf (index) with the four registers it returns."""
+
+    _fields_ = [
+        ("function", c_uint32),
+        ("index", c_uint32),
+        ("flags", c_uint32),  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX: `index` selects the entry
+        ("eax", c_uint32),
+        ("ebx", c_uint32),
+        ("ecx", c_uint32),
+        ("edx", c_uint32),
+        ("padding", c_uint32 * 3),
+    ]
+
+
+class kvm_cpuid2(ctypes.Structure):  # noqa: N801
+    """KVM_GET_SUPPORTED_CPUID / KVM_SET_CPUID2 / KVM_GET_CPUID2: nent, then nent entries.
+
+    This is the bare header, as `sizeof(struct kvm_cpuid2)` in C; `flex(kvm_cpuid2, n)` is the
+    struct with room for n entries.
+    """
+
+    _fields_ = [("nent", c_uint32), ("padding", c_uint32), ("entries", kvm_cpuid_entry2 * 0)]
+
+
+class kvm_msr_entry(ctypes.Structure):  # noqa: N801
+    """One model-specific register: its index (ECX of rdmsr) and its 64-bit value."""
+
+    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
+
+
+class kvm_msrs(ctypes.Structure):  # noqa: N801
+    """KVM_GET_MSRS / KVM_SET_MSRS: nmsrs, then nmsrs entries (`flex(kvm_msrs, n)`)."""
+
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * 0)]
+
+
+class kvm_msr_list(ctypes.Structure):  # noqa: N801
+    """KVM_GET_MSR_INDEX_LIST: nmsrs (in: room, out: count), then the MSR indices."""
+
+    _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * 0)]
+
+
+@functools.cache
+def flex(header: type[ctypes.Structure], n: int) -> type[ctypes.Structure]:
+    """`header` (kvm_cpuid2, kvm_msrs, kvm_msr_list) with room for `n` array entries.
+
+    The same fields, the last one (the flexible array) with `n` elements: so
+    `flex(kvm_cpuid2, 4)(nent=4)` is the 168-byte buffer a C program would malloc, and it
+    passes to ioctl like any other struct.
+    """
+    fields: list[Any] = list(header._fields_)
+    name, array = fields[-1]
+    fields[-1] = (name, array._type_ * n)
+    return type(f"{header.__name__}[{n}]", (ctypes.Structure,), {"_fields_": fields})
+
+
 KVM_GET_REGS = _IOR(KVMIO, 0x81, ctypes.sizeof(kvm_regs))
 KVM_SET_REGS = _IOW(KVMIO, 0x82, ctypes.sizeof(kvm_regs))
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, ctypes.sizeof(kvm_sregs))
@@ -188,6 +269,26 @@ KVM_SET_SREGS = _IOW(KVMIO, 0x84, ctypes.sizeof(kvm_sregs))
 KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, ctypes.sizeof(kvm_guest_debug))
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, ctypes.sizeof(kvm_vcpu_events))
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, ctypes.sizeof(kvm_vcpu_events))
+KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, ctypes.sizeof(kvm_msr_list))
+KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, ctypes.sizeof(kvm_cpuid2))
+KVM_GET_MSR_FEATURE_INDEX_LIST = _IOWR(KVMIO, 0x0A, ctypes.sizeof(kvm_msr_list))
+KVM_GET_MSRS = _IOWR(KVMIO, 0x88, ctypes.sizeof(kvm_msrs))
+KVM_SET_MSRS = _IOW(KVMIO, 0x89, ctypes.sizeof(kvm_msrs))
+KVM_GET_FPU = _IOR(KVMIO, 0x8C, ctypes.sizeof(kvm_fpu))
+KVM_SET_FPU = _IOW(KVMIO, 0x8D, ctypes.sizeof(kvm_fpu))
+KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, ctypes.sizeof(kvm_cpuid2))
+KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, ctypes.sizeof(kvm_cpuid2))
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic: the kernel's spelling)
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 1 << 0
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 1 << 1
+KVM_VCPUEVENT_VALID_SHADOW = 1 << 2
+KVM_VCPUEVENT_VALID_SMM = 1 << 3
+KVM_VCPUEVENT_VALID_PAYLOAD = 1 << 4
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 1 << 5
+KVM_X86_SHADOW_INT_MOV_SS = 1 << 0
+KVM_X86_SHADOW_INT_STI = 1 << 1
 
 # x86 CPU state bits the kernel checks (arch/x86/include/asm/processor-flags.h, msr-index.h)
 X86_CR0_PE = 1 << 0

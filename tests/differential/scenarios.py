@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from . import (  # noqa: F401 (imported for their @scenario registrations)
     scenarios_code,
+    scenarios_cpuid,
     scenarios_debug,
     scenarios_dirty,
+    scenarios_events,
     scenarios_exits,
     scenarios_faults,
     scenarios_guests,
@@ -14,6 +16,7 @@ from . import (  # noqa: F401 (imported for their @scenario registrations)
     scenarios_memslot,
     scenarios_mmio,
     scenarios_more,
+    scenarios_msr,
     scenarios_process,
     scenarios_vcpu_state,
 )

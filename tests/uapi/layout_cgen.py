@@ -140,7 +140,9 @@ class _Walker:
         Offsets are relative to the member `base` ("" = the start of `ctype`).
         """
         add = self.plan.checks.append
-        add(Check(group, f"sizeof({label})", ctypes.sizeof(pytype), _c_sizeof(ctype, cpath)))
+        flexible = issubclass(pytype, ctypes.Array) and pytype._length_ == 0
+        if not flexible:  # C's flexible array member (`entries[]`) has no sizeof
+            add(Check(group, f"sizeof({label})", ctypes.sizeof(pytype), _c_sizeof(ctype, cpath)))
         if check_offset and cpath != base:
             add(Check(group, f"offsetof({label})", py_offset, _c_offset(ctype, cpath, base)))
         if _is_composite(pytype):

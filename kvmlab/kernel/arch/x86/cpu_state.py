@@ -14,8 +14,10 @@ against about 38 µs for the binding's `reg_read_batch`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Final
@@ -95,6 +97,7 @@ HF_EM: Final = 1 << 10
 HF_TS: Final = 1 << 11
 HF_LMA: Final = 1 << 14
 HF_CS64: Final = 1 << 15
+HF_GUEST: Final = 1 << 21  # in SVM guest mode: intercept checks are compiled in
 # The bits set_sregs recomputes; the rest (interrupt shadow, OSFXSR/SMAP that QEMU's CR4 write
 # sets, SVME that its EFER write sets, SMM, ...) are kept.
 _HF_DERIVED: Final = (
@@ -311,6 +314,59 @@ def _probe_error_code(uc: Uc, dr0: int) -> int:
     return offset
 
 
+@dataclass(frozen=True, slots=True)
+class SvmLayout:
+    """Where QEMU keeps the SVM state kvmlab uses for intercepts (CPUX86State, after dr[8],
+    the four breakpoint pointers and old_exception)."""
+
+    vm_vmcb: int
+    tsc_offset: int
+    intercept: int
+
+
+SVM_EXIT_MSR: Final = 0x7C
+SVM_EXIT_INTR: Final = 0x60
+EXCP_VMEXIT: Final = 0x100
+INTERCEPT_MSR_PROT: Final = 1 << (SVM_EXIT_MSR - SVM_EXIT_INTR)
+VMCB_MSRPM_BASE_PA: Final = 0x48  # struct vmcb_control_area.msrpm_base_pa
+
+
+@cache
+def svm_layout() -> SvmLayout:
+    """The SVM fields' offsets, checked once per process by making a scratch guest's RDMSR
+    and WRMSR exit with the right exit code, rip and direction."""
+    layout = context_layout()
+    dr0 = layout.error_code + 16
+    svm = SvmLayout(vm_vmcb=dr0 + 104, tsc_offset=dr0 + 112, intercept=dr0 + 120)
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    vmcb = 0x10000
+    uc.mem_map(0, 0x13000, UC_PROT_ALL)
+    uc.mem_write(vmcb + VMCB_MSRPM_BASE_PA, _U64.pack(vmcb + PAGE_SIZE))
+    uc.mem_write(vmcb + PAGE_SIZE, b"\xff" * 2 * PAGE_SIZE)
+    uc.mem_write(0x1000, bytes.fromhex("0f32900f30f4"))  # rdmsr; nop; wrmsr; hlt
+    exits: list[tuple[int, int, int]] = []
+
+    def on_interrupt(uc: Uc, intno: int, _data: object) -> None:
+        blob = bytes(uc.context_save())
+        code = _U32.unpack_from(blob, layout.error_code)[0]
+        exits.append((intno, uc.reg_read(UC_X86_REG_RIP), code))
+        uc.reg_write(UC_X86_REG_RIP, uc.reg_read(UC_X86_REG_RIP) + 2)
+        uc.emu_stop()
+
+    uc.hook_add(UC_HOOK_INTR, on_interrupt)
+    X86CpuState(uc)._set_intercepts(svm, vmcb, INTERCEPT_MSR_PROT)
+    rip = 0x1000
+    for _ in range(3):
+        uc.emu_start(rip, 0, count=1 << 62)
+        rip = uc.reg_read(UC_X86_REG_RIP)
+    expected = [(EXCP_VMEXIT + SVM_EXIT_MSR, 0x1000, 0), (EXCP_VMEXIT + SVM_EXIT_MSR, 0x1003, 1)]
+    if exits != expected or rip != 0x1006:
+        raise ContextLayoutError(_layout_message(f"MSR intercepts gave {exits}"))
+    return svm
+
+
 @cache
 def context_layout() -> ContextLayout:
     """The probed layout, computed once per process."""
@@ -412,6 +468,7 @@ class X86CpuState:
         self._phys = ctypes.c_uint64()
         self._phys_ref = ctypes.byref(self._phys)
         self._msr = _UcX86Msr(MSR_EFER, 0)
+        self._intercepts = 0  # the SVM intercept bits in force (enable_intercepts)
         self._msr_ref = ctypes.byref(self._msr)
         # Per QEMU segment: (the segment cache as set, the unusable bit it was set with).
         self._unusable: list[tuple[tuple[int, int, int, int], int] | None] = [None] * 8
@@ -499,8 +556,7 @@ class X86CpuState:
             (UC_X86_REG_CR2, s.cr2),
         ):
             self.write_reg(reg, value)
-        self._msr.rid, self._msr.value = MSR_EFER, s.efer
-        _check(uclib.uc_reg_write(self._h, UC_X86_REG_MSR, self._msr_ref))
+        self.write_msr(MSR_EFER, s.efer)
         self._save()
 
         caches: list[tuple[int, int, int, int]] = []
@@ -554,6 +610,81 @@ class X86CpuState:
         """Was the last exception raised by an INT n / INT3 / INTO instruction (no error code)?"""
         self._save()
         return bool(_U32.unpack_from(self._ctx, self.layout.error_code + 4)[0])
+
+    def clear_exception_is_int(self) -> None:
+        """Forget that the last exception was an INT n: Unicorn moves rip to the end of the
+        last INT at every later exception while this is set, an intercept exit included."""
+        self._save()
+        _U32.pack_into(self._ctx, self.layout.error_code + 4, 0)
+        self._restore()
+
+    def set_interrupt_shadow(self, on: bool) -> None:
+        """Start (or end) the one-instruction interrupt shadow of `sti` / `mov ss`."""
+        self._save()
+        hflags = _U32.unpack_from(self._ctx, self.layout.hflags)[0] & ~HF_INHIBIT_IRQ
+        _U32.pack_into(self._ctx, self.layout.hflags, hflags | (HF_INHIBIT_IRQ if on else 0))
+        self._restore()
+
+    # --- intercepts: QEMU's SVM model plays the VMCS execution controls -----------------------
+
+    def enable_intercepts(self, vmcb: int, intercepts: int) -> None:
+        """Make the CPU a "guest" of QEMU's SVM model with the given intercept bits, so that the
+        instructions named there (RDMSR/WRMSR) raise an intercept exit instead of running.
+
+        `vmcb` is the guest-physical address of a private VMCB whose MSR permission map asks
+        for every MSR; the exit reaches UC_HOOK_INTR as EXCP_VMEXIT + the SVM exit code.
+        """
+        self._set_intercepts(svm_layout(), vmcb, intercepts)
+
+    def _set_intercepts(self, svm: SvmLayout, vmcb: int, intercepts: int) -> None:
+        self._intercepts = intercepts
+        self._save()
+        ctx = self._ctx
+        hflags = _U32.unpack_from(ctx, self.layout.hflags)[0]
+        _U32.pack_into(ctx, self.layout.hflags, hflags | HF_GUEST)
+        _U64.pack_into(ctx, svm.vm_vmcb, vmcb)
+        _U64.pack_into(ctx, svm.intercept, intercepts)
+        self._restore()
+
+    def tsc_offset(self) -> int:
+        """What the CPU adds to the host TSC for the guest's `rdtsc` (the SVM TSC offset)."""
+        self._save()
+        return int(_U64.unpack_from(self._ctx, svm_layout().tsc_offset)[0])
+
+    def set_tsc_offset(self, offset: int) -> None:
+        self._save()
+        _U64.pack_into(self._ctx, svm_layout().tsc_offset, offset & 0xFFFF_FFFF_FFFF_FFFF)
+        self._restore()
+
+    def read_msr(self, index: int) -> int:
+        """An MSR as QEMU's CPU holds it (helper_rdmsr; unknown ones read 0)."""
+        self._msr.rid, self._msr.value = index, 0
+        with self._intercepts_off():
+            _check(uclib.uc_reg_read(self._h, UC_X86_REG_MSR, self._msr_ref))
+        return int(self._msr.value)
+
+    def write_msr(self, index: int, value: int) -> None:
+        self._msr.rid, self._msr.value = index, value
+        with self._intercepts_off():
+            _check(uclib.uc_reg_write(self._h, UC_X86_REG_MSR, self._msr_ref))
+
+    @contextlib.contextmanager
+    def _intercepts_off(self) -> Iterator[None]:
+        """Unicorn's MSR access runs the guest's helper, intercept check included, and an
+        intercept exit outside a run would crash the engine: lift them meanwhile."""
+        if not self._intercepts:
+            yield
+            return
+        offset = svm_layout().intercept
+        self._save()
+        _U64.pack_into(self._ctx, offset, 0)
+        self._restore()
+        try:
+            yield
+        finally:
+            self._save()
+            _U64.pack_into(self._ctx, offset, self._intercepts)
+            self._restore()
 
     # --- guest-virtual memory (Unicorn's MMU, not wrapped by the binding) ---------------------
 

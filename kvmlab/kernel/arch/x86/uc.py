@@ -15,8 +15,9 @@ import array
 import contextlib
 import ctypes
 import functools
+import mmap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from unicorn import (
@@ -48,16 +49,27 @@ from unicorn import (
 )
 from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
+    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
     UC_X86_REG_CR0,
     UC_X86_REG_RAX,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDX,
     UC_X86_REG_RFLAGS,
     UC_X86_REG_RIP,
     UC_X86_REG_RSI,
 )
 
-from kvmlab.kernel.arch.x86.cpu_state import RegBatch, X86CpuState
+from kvmlab.kernel.arch.x86.cpu_state import (
+    EXCP_VMEXIT,
+    INTERCEPT_MSR_PROT,
+    SVM_EXIT_MSR,
+    VMCB_MSRPM_BASE_PA,
+    RegBatch,
+    X86CpuState,
+)
 from kvmlab.kernel.arch.x86.uc_events import (
     WITH_ERROR_CODE,
     Event,
@@ -75,6 +87,8 @@ EXIT_REASON_TRIPLE_FAULT = 2
 EXIT_REASON_INTERRUPT_WINDOW = 7
 EXIT_REASON_HLT = 12
 EXIT_REASON_IO_INSTRUCTION = 30
+EXIT_REASON_MSR_READ = 31
+EXIT_REASON_MSR_WRITE = 32
 EXIT_REASON_MONITOR_TRAP_FLAG = 37  # a counted run of one instruction retired it
 EXIT_REASON_DELIVERY_UNSUPPORTED = -1  # kvmlab's CPU cannot deliver this event (see uc_events)
 EXIT_REASON_EFAULT = -2  # the host memory behind a slot is gone: KVM_RUN fails with EFAULT
@@ -93,6 +107,14 @@ VMX_EXIT_NAMES = {
     if name.startswith("EXIT_REASON_") and isinstance(value, int)
 }
 RUN_FOREVER = 1 << 62  # the count that keeps Unicorn's per-instruction exit check armed
+# A private VMCB and its MSR permission map (every MSR intercepted), in CPU-physical memory
+# above anything a memslot can reach (52-bit guest-physical addresses at most).
+VMCB_ADDR = 1 << 52
+VMCB_SIZE = 3 * PAGE_SIZE
+_VMCB = mmap.mmap(-1, VMCB_SIZE)  # read only by the CPU, so one serves every vCPU
+_VMCB[VMCB_MSRPM_BASE_PA : VMCB_MSRPM_BASE_PA + 8] = (VMCB_ADDR + PAGE_SIZE).to_bytes(8, "little")
+_VMCB[PAGE_SIZE:] = b"\xff" * 2 * PAGE_SIZE
+_VMCB_HVA = ctypes.addressof(ctypes.c_char.from_buffer(_VMCB))
 PAGE_MASK = ~(PAGE_SIZE - 1) & (2**64 - 1)
 _REP_PREFIXES = (0xF2, 0xF3)
 _REP_WRITES = frozenset({0xA4, 0xA5, 0xAA, 0xAB, 0x6E, 0x6F})  # MOVS, STOS, OUTS
@@ -275,8 +297,15 @@ class UcVcpu:
         self.slots = KvmMemslots()
         self._write_fault: tuple[str, int] | None = None  # ("dirty" | "readonly", gpa)
         self.unsupported = ""
+        # kvm_emulate_cpuid: the vCPU's table answers (KVM installs it); zeros until then.
+        self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = lambda fn, idx: (0,) * 4
+        self._cpuid_in = RegBatch(uc, [UC_X86_REG_RAX, UC_X86_REG_RCX])
+        self.msr_write = False  # the MSR exit's direction
+        uc.mem_map_ptr(VMCB_ADDR, VMCB_SIZE, UC_PROT_READ, _VMCB_HVA)
+        self.cpu.enable_intercepts(VMCB_ADDR, INTERCEPT_MSR_PROT)
         # The hooks hold this object; close() drops them so the engine is freed at once.
         self._hooks = [
+            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID),
             uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT),
             uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN),
             uc.hook_add(UC_HOOK_INTR, self._on_interrupt),
@@ -416,8 +445,23 @@ class UcVcpu:
         return 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
+        if intno == EXCP_VMEXIT + SVM_EXIT_MSR:  # RDMSR/WRMSR intercepted; rip is on it
+            self.msr_write = bool(self.cpu.exception_error_code())
+            self._stop(EXIT_REASON_MSR_WRITE if self.msr_write else EXIT_REASON_MSR_READ)
+            return
         self.exception_vector, self._invalid_opcode = intno, False
         self._stop(EXIT_REASON_EXCEPTION_NMI)
+
+    def _on_cpuid(self, uc: Uc, _ud: object) -> int:
+        """CPUID: answered from KVM's table inside the run (no exit to userspace)."""
+        fn, idx = self._cpuid_in.read()
+        eax, ebx, ecx, edx = self.cpuid(fn & 0xFFFF_FFFF, idx & 0xFFFF_FFFF)
+        cpu = self.cpu
+        cpu.write_reg(UC_X86_REG_RAX, eax)
+        cpu.write_reg(UC_X86_REG_RBX, ebx)
+        cpu.write_reg(UC_X86_REG_RCX, ecx)
+        cpu.write_reg(UC_X86_REG_RDX, edx)
+        return 1  # skip QEMU's own cpuid
 
     def _on_invalid(self, uc: Uc, _ud: object) -> bool:
         self.exception_vector, self._invalid_opcode = 6, True  # #UD
@@ -664,6 +708,7 @@ class UcVcpu:
         software = not self._invalid_opcode and self.cpu.exception_is_int()
         insn_len = 0
         if software:  # rip is past INT n (CD xx), INT3 (CC) or INTO (CE)
+            self.cpu.clear_exception_is_int()
             insn_len = 2 if self.cpu.read_code(self.rip - 2, 1) == b"\xcd" else 1
         if vector == BP_VECTOR and software and self.intercept_bp:
             self.rip = (self.rip - 1) & 0xFFFF_FFFF_FFFF_FFFF  # VMX exits on the int3 itself

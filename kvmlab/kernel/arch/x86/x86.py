@@ -7,27 +7,47 @@ https://elixir.bootlin.com/linux/v6.12/source/arch/x86/kvm/x86.c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import functools
 import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RFLAGS
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RFLAGS
 
+from kvmlab.kernel.arch.x86 import cpuid as cpuid_mod
 from kvmlab.kernel.arch.x86 import uc as vendor
-from kvmlab.kernel.arch.x86.cpu_state import context_layout
+from kvmlab.kernel.arch.x86.cpu_state import context_layout, svm_layout
+from kvmlab.kernel.arch.x86.cpuid import GuestCpuid, kvm_cpuid, kvm_update_cpuid_runtime
+from kvmlab.kernel.arch.x86.fpu import (
+    fpu_reset,
+    kvm_arch_vcpu_ioctl_get_fpu,
+    kvm_arch_vcpu_ioctl_set_fpu,
+)
+from kvmlab.kernel.arch.x86.msr import (
+    MSRS_TO_SAVE,
+    MsrState,
+    host_tsc,
+    kvm_get_msr,
+    kvm_get_msr_index_list,
+    kvm_set_msr,
+    msr_io,
+)
 from kvmlab.kernel.arch.x86.uc import VMX_EXIT_NAMES, UcVcpu
 from kvmlab.kernel.arch.x86.uc_events import Event
 from kvmlab.kernel.kvm_main import Kvm, KvmVcpu, kvm_exit, kvm_init
 from kvmlab.kernel.signals import signal_pending
 from kvmlab.kernel.trace import traced
-from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
+from kvmlab.kernel.uaccess import copy_from_user, copy_struct_from_user, copy_to_user, fail
 from kvmlab.uapi import (
     APIC_DEFAULT_PHYS_BASE,
+    KVM_CAP_EXT_CPUID,
+    KVM_CAP_GET_TSC_KHZ,
     KVM_CAP_HLT,
     KVM_CAP_MAX_VCPU_ID,
     KVM_CAP_MAX_VCPUS,
@@ -35,10 +55,12 @@ from kvmlab.uapi import (
     KVM_CAP_NR_VCPUS,
     KVM_CAP_READONLY_MEM,
     KVM_CAP_SET_GUEST_DEBUG,
+    KVM_CAP_SET_IDENTITY_MAP_ADDR,
     KVM_CAP_SET_TSS_ADDR,
     KVM_CAP_SYNC_MMU,
     KVM_CAP_SYNC_REGS,
     KVM_CAP_USER_NMI,
+    KVM_CAP_VCPU_EVENTS,
     KVM_EXIT_DEBUG,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
@@ -48,8 +70,15 @@ from kvmlab.uapi import (
     KVM_EXIT_MMIO,
     KVM_EXIT_SHUTDOWN,
     KVM_EXIT_UNKNOWN,
+    KVM_GET_CPUID2,
+    KVM_GET_FPU,
+    KVM_GET_MSR_INDEX_LIST,
+    KVM_GET_MSRS,
     KVM_GET_REGS,
     KVM_GET_SREGS,
+    KVM_GET_SUPPORTED_CPUID,
+    KVM_GET_TSC_KHZ,
+    KVM_GET_VCPU_EVENTS,
     KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_INJECT_BP,
     KVM_GUESTDBG_INJECT_DB,
@@ -63,14 +92,28 @@ from kvmlab.uapi import (
     KVM_NMI,
     KVM_NR_INTERRUPTS,
     KVM_PIO_PAGE_OFFSET,
+    KVM_SET_CPUID2,
+    KVM_SET_FPU,
     KVM_SET_GUEST_DEBUG,
+    KVM_SET_IDENTITY_MAP_ADDR,
+    KVM_SET_MSRS,
     KVM_SET_REGS,
     KVM_SET_SREGS,
+    KVM_SET_TSC_KHZ,
     KVM_SET_TSS_ADDR,
+    KVM_SET_VCPU_EVENTS,
     KVM_SYNC_X86_EVENTS,
     KVM_SYNC_X86_REGS,
     KVM_SYNC_X86_SREGS,
     KVM_SYNC_X86_VALID_FIELDS,
+    KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_PAYLOAD,
+    KVM_VCPUEVENT_VALID_SHADOW,
+    KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    KVM_VCPUEVENT_VALID_SMM,
+    KVM_VCPUEVENT_VALID_TRIPLE_FAULT,
+    KVM_X86_SHADOW_INT_MOV_SS,
+    KVM_X86_SHADOW_INT_STI,
     MSR_IA32_APICBASE_BSP,
     MSR_IA32_APICBASE_ENABLE,
     SEGMENT_NAMES,
@@ -86,11 +129,13 @@ from kvmlab.uapi import (
     X86_RFLAGS_FIXED,
     X86_RFLAGS_IF,
     X86_RFLAGS_RF,
+    kvm_fpu,
     kvm_guest_debug,
     kvm_interrupt,
     kvm_regs,
     kvm_run,
     kvm_sregs,
+    kvm_vcpu_events,
 )
 
 PAGE_SIZE = 4096
@@ -111,6 +156,17 @@ NMI_VECTOR = 2
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR6_BS = 1 << 14
 DR7_FIXED_1 = 0x400
+GP_VECTOR = 13
+VMX_IDENTITY_MAP_DEFAULT = 0xFFFBC000
+TSC_TOLERANCE_PPM = 250
+VCPU_EVENTS_FLAGS = (
+    KVM_VCPUEVENT_VALID_NMI_PENDING
+    | KVM_VCPUEVENT_VALID_SIPI_VECTOR
+    | KVM_VCPUEVENT_VALID_SHADOW
+    | KVM_VCPUEVENT_VALID_SMM
+    | KVM_VCPUEVENT_VALID_PAYLOAD
+    | KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+)
 
 
 @dataclass
@@ -134,13 +190,57 @@ class KvmVcpuArch:
     complete_userspace_io: Callable[[KvmVcpu], int] | None = None
     guest_debug: int = 0  # KVM_SET_GUEST_DEBUG control, 0 unless KVM_GUESTDBG_ENABLE
     interrupt: int | None = None  # vcpu->arch.interrupt: a KVM_INTERRUPT vector to inject
-    exception: int | None = None  # a queued exception (KVM_GUESTDBG_INJECT_BP/DB)
+    interrupt_soft: bool = False  # ... raised by INT n (set through KVM_SET_VCPU_EVENTS)
+    exception: Event | None = None  # a queued exception (INJECT_BP/DB, #GP from rdmsr, ...)
+    last_exception: Event | None = None  # the last one injected: still reported, not pending
     guest_dr7: int = 0  # DR7 from KVM_SET_GUEST_DEBUG with USE_HW_BP
-    nmi_pending: bool = False
+    nmi_pending: int = 0  # NMIs waiting (at most 2, as process_nmi allows)
+    nmi_masked: bool = False
+    shadow_kind: int = KVM_X86_SHADOW_INT_STI  # what an interrupt shadow is reported as
+    cpuid: GuestCpuid = field(default_factory=GuestCpuid)
+    msrs: MsrState = field(default_factory=MsrState)
+    has_run: bool = False  # kvm_vcpu_has_run: CPUID is frozen from the first entry on
+    tsc_khz: int = 0
     cui_linear_rip: int = 0
     pio_size: int = 0
     pio_next_rip: int = 0
     rep_prefixes: bytes = b""
+
+    def guest_has_rdtscp(self) -> bool:
+        found = self.cpuid.find(0x8000_0001, 0)
+        return found is not None and bool(found[3] & (1 << 27))
+
+    def set_efer(self, efer: int, host: bool) -> bool:
+        """set_efer: reserved bits fail; the guest cannot toggle LME with paging on, and its
+        LMA is the CPU's, not the value written."""
+        if efer & ~EFER_VALID:
+            return False
+        sregs = kvm_sregs()
+        cpu = self.hw.cpu
+        cpu.get_sregs(sregs)
+        if not host:
+            if sregs.cr0 & X86_CR0_PG and (efer ^ sregs.efer) & X86_EFER_LME:
+                return False
+            efer = (efer & ~X86_EFER_LMA) | (sregs.efer & X86_EFER_LMA)
+        sregs.efer = efer
+        cpu.set_sregs(sregs)
+        return True
+
+    def set_apic_base(self, value: int) -> bool:
+        if not kvm_set_apic_base_valid(value):
+            return False
+        self.apic_base = value
+        self.update_cpuid_runtime()
+        return True
+
+    def update_cpuid_runtime(self) -> None:
+        sregs = kvm_sregs()
+        self.hw.cpu.get_sregs(sregs)
+        enabled = bool(self.apic_base & MSR_IA32_APICBASE_ENABLE)
+        kvm_update_cpuid_runtime(self.cpuid, enabled, sregs.cr4)
+
+
+EFER_VALID = 0x1 | 0x100 | 0x400 | 0x800  # SCE, LME, LMA, NXE: what kvmlab's CPU offers
 
 
 @dataclass
@@ -148,6 +248,8 @@ class KvmArchVm:
     """struct kvm_arch."""
 
     tss_addr: int = 0
+    ept_identity_map_addr: int = VMX_IDENTITY_MAP_DEFAULT
+    default_tsc_khz: int = 0
 
 
 def kvm_rip_read(vcpu: KvmVcpu) -> int:
@@ -178,7 +280,7 @@ def kvm_register_flush(vcpu: KvmVcpu) -> None:
 def kvm_arch_init_vm(kvm: Kvm, type_: int) -> None:
     if type_ != KVM_X86_DEFAULT_VM:  # kvm_is_vm_type_supported: only the default type here
         fail(errno.EINVAL)
-    kvm.arch = KvmArchVm()
+    kvm.arch = KvmArchVm(default_tsc_khz=host_tsc_khz())
 
 
 def kvm_arch_destroy_vm(kvm: Kvm) -> None:
@@ -197,8 +299,12 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
         KVM_CAP_SET_GUEST_DEBUG,
     ):
         return 1
+    if cap in (KVM_CAP_EXT_CPUID, KVM_CAP_VCPU_EVENTS, KVM_CAP_SET_IDENTITY_MAP_ADDR):
+        return 1
+    if cap == KVM_CAP_GET_TSC_KHZ:
+        return 1
     if cap == KVM_CAP_SYNC_REGS:
-        return KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS  # the events set is not filled yet
+        return KVM_SYNC_X86_VALID_FIELDS
     if cap == KVM_CAP_NR_VCPUS:
         return min(os.cpu_count() or 1, KVM_MAX_VCPUS)
     if cap == KVM_CAP_MAX_VCPUS:
@@ -208,10 +314,65 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
     return 0
 
 
+def kvm_arch_dev_ioctl(cmd: int, arg: int) -> int:
+    """The x86 ioctls of /dev/kvm: the CPU model and the MSR list; anything else EINVAL."""
+    if cmd == KVM_GET_SUPPORTED_CPUID:
+        return cpuid_mod.kvm_dev_ioctl_get_cpuid(arg)
+    if cmd == KVM_GET_MSR_INDEX_LIST:
+        return kvm_get_msr_index_list(arg, MSRS_TO_SAVE)
+    fail(errno.EINVAL)
+
+
 def kvm_arch_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
     if cmd == KVM_SET_TSS_ADDR:
         return kvm_vm_ioctl_set_tss_addr(kvm, arg)
+    if cmd == KVM_SET_IDENTITY_MAP_ADDR:
+        with kvm.lock:
+            if kvm.created_vcpus:
+                fail(errno.EINVAL)
+            raw = copy_from_user(arg, 8)
+            kvm.arch.ept_identity_map_addr = int.from_bytes(raw, "little")
+        return 0
+    if cmd == KVM_GET_TSC_KHZ:
+        return int(kvm.arch.default_tsc_khz)
+    if cmd == KVM_SET_TSC_KHZ:
+        khz = (arg & 0xFFFF_FFFF) or host_tsc_khz()
+        with kvm.lock:
+            if kvm.created_vcpus:
+                fail(errno.EINVAL)
+            kvm.arch.default_tsc_khz = khz
+        return 0
     fail(errno.ENOTTY)
+
+
+@functools.cache
+def host_tsc_khz() -> int:
+    """tsc_khz: the rate of the TSC the guest reads (the host's; Unicorn passes it through),
+    as the host kernel reports it, else measured against CLOCK_MONOTONIC."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        if " constant_tsc" in text:
+            for line in text.splitlines():
+                if line.startswith("cpu MHz"):
+                    return round(float(line.split(":")[1]) * 1000)
+    t0, c0 = time.monotonic_ns(), host_tsc()
+    time.sleep(0.02)
+    t1, c1 = time.monotonic_ns(), host_tsc()
+    return round((c1 - c0) * 1_000_000 / (t1 - t0))
+
+
+@traced(args=lambda vcpu, khz: {"khz": khz})
+def kvm_set_tsc_khz(vcpu: KvmVcpu, khz: int) -> None:
+    """KVM_SET_TSC_KHZ without TSC scaling: a rate within 250 ppm of the host's, or above it
+    (KVM then catches the guest's TSC up at each entry), is taken; a slower one is EINVAL."""
+    khz &= 0xFFFF_FFFF
+    host = host_tsc_khz()
+    if khz == 0:
+        khz = host
+    if khz < host - host * TSC_TOLERANCE_PPM // 1_000_000:
+        fail(errno.EINVAL)
+    vcpu.arch.tsc_khz = khz
 
 
 def kvm_vm_ioctl_set_tss_addr(kvm: Kvm, addr: int) -> int:
@@ -232,7 +393,10 @@ def kvm_arch_vcpu_precreate(kvm: Kvm, id_: int) -> None:
 
 @traced()
 def kvm_arch_vcpu_create(vcpu: KvmVcpu) -> None:
-    vcpu.arch = KvmVcpuArch(hw=UcVcpu())
+    arch = vcpu.arch = KvmVcpuArch(hw=UcVcpu(), tsc_khz=vcpu.kvm.arch.default_tsc_khz)
+    arch.msrs.last_tsc_write = (0, host_tsc())  # kvm_synchronize_tsc(vcpu, 0) at creation
+    cpuid = arch.cpuid
+    arch.hw.cpuid = lambda function, index: kvm_cpuid(cpuid, function, index)
     kvm_vcpu_reset(vcpu, init_event=False)
 
 
@@ -258,6 +422,7 @@ def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
     sregs.cr0 = X86_CR0_ET | X86_CR0_NW | X86_CR0_CD
     kvm_arch_vcpu_ioctl_set_regs(vcpu, regs)
     arch.hw.cpu.set_sregs(sregs)
+    fpu_reset(arch.hw.cpu)
     arch.cr8 = 0
     arch.apic_base = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE
     if vcpu.vcpu_id == 0:  # kvm_vcpu_is_reset_bsp
@@ -289,13 +454,111 @@ def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     if cmd == KVM_INTERRUPT:
         kvm_vcpu_ioctl_interrupt(vcpu, copy_struct_from_user(kvm_interrupt, arg))
         return 0
-    if cmd == KVM_NMI:
-        vcpu.arch.nmi_pending = True  # kvm_inject_nmi
+    if cmd == KVM_NMI:  # kvm_inject_nmi, then process_nmi's limit
+        arch = vcpu.arch
+        arch.nmi_pending = min(arch.nmi_pending + 1, 1 if arch.nmi_masked else 2)
         return 0
     if cmd == KVM_SET_GUEST_DEBUG:
         kvm_arch_vcpu_ioctl_set_guest_debug(vcpu, copy_struct_from_user(kvm_guest_debug, arg))
         return 0
+    return kvm_arch_vcpu_ioctl_state(vcpu, cmd, arg)
+
+
+def kvm_arch_vcpu_ioctl_state(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
+    """CPUID, MSRs, FPU, events and the TSC rate; anything unknown is EINVAL."""
+    arch = vcpu.arch
+    if cmd == KVM_SET_CPUID2:
+        entries = cpuid_mod.kvm_vcpu_ioctl_set_cpuid2(arch.cpuid, arg, arch.has_run)
+        arch.cpuid.replace(entries)
+        if not arch.has_run:
+            arch.update_cpuid_runtime()
+        return 0
+    if cmd == KVM_GET_CPUID2:
+        cpuid_mod.kvm_vcpu_ioctl_get_cpuid2(arch.cpuid, arg)
+        return 0
+    if cmd in (KVM_GET_MSRS, KVM_SET_MSRS):
+        kvm_register_flush(vcpu)
+        return msr_io(vcpu, arg, write=cmd == KVM_SET_MSRS)
+    if cmd == KVM_GET_FPU:
+        fpu = kvm_fpu()
+        kvm_arch_vcpu_ioctl_get_fpu(arch.hw.uc, fpu)
+        copy_to_user(arg, fpu)
+        return 0
+    if cmd == KVM_SET_FPU:
+        kvm_arch_vcpu_ioctl_set_fpu(arch.hw.uc, copy_struct_from_user(kvm_fpu, arg))
+        return 0
+    if cmd == KVM_GET_VCPU_EVENTS:
+        events = kvm_vcpu_events()
+        kvm_vcpu_ioctl_x86_get_vcpu_events(vcpu, events)
+        copy_to_user(arg, events)
+        return 0
+    if cmd == KVM_SET_VCPU_EVENTS:
+        kvm_vcpu_ioctl_x86_set_vcpu_events(vcpu, copy_struct_from_user(kvm_vcpu_events, arg))
+        return 0
+    if cmd == KVM_GET_TSC_KHZ:
+        return int(arch.tsc_khz)
+    if cmd == KVM_SET_TSC_KHZ:
+        kvm_set_tsc_khz(vcpu, arg)
+        return 0
     fail(errno.EINVAL)
+
+
+@traced()
+def kvm_vcpu_ioctl_x86_get_vcpu_events(vcpu: KvmVcpu, events: kvm_vcpu_events) -> None:
+    """The events KVM holds for the vCPU: a queued exception, interrupt, NMIs, the shadow."""
+    arch = vcpu.arch
+    exc = arch.exception or arch.last_exception  # KVM keeps the vector once it is delivered
+    if exc is not None:
+        # without KVM_CAP_EXCEPTION_PAYLOAD: pending or injected
+        events.exception.injected = int(arch.exception is not None)
+        events.exception.nr = exc.vector
+        events.exception.has_error_code = int(exc.error_code is not None)
+        events.exception.error_code = exc.error_code or 0
+    if arch.interrupt is not None:
+        events.interrupt.injected = int(not arch.interrupt_soft)
+        events.interrupt.nr = arch.interrupt
+        events.interrupt.soft = int(arch.interrupt_soft)
+    kvm_register_flush(vcpu)
+    if arch.hw.cpu.interrupt_shadow():
+        events.interrupt.shadow = arch.shadow_kind
+    events.nmi.pending = arch.nmi_pending
+    events.nmi.masked = int(arch.nmi_masked)
+    events.flags = (
+        KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW | KVM_VCPUEVENT_VALID_SMM
+    )
+
+
+@traced(args=lambda vcpu, events: {"flags": events.flags})
+def kvm_vcpu_ioctl_x86_set_vcpu_events(vcpu: KvmVcpu, events: kvm_vcpu_events) -> None:
+    """Load the events: EINVAL for unknown flags, a payload (not enabled), an exception vector
+    above 31 or NMI, SMM (kvmlab has none) and a triple fault (the capability is off)."""
+    arch = vcpu.arch
+    flags = events.flags
+    if flags & ~VCPU_EVENTS_FLAGS or flags & KVM_VCPUEVENT_VALID_PAYLOAD:
+        fail(errno.EINVAL)
+    exc = events.exception
+    if exc.injected and (exc.nr > 31 or exc.nr == NMI_VECTOR):
+        fail(errno.EINVAL)
+    smi = events.smi
+    if flags & KVM_VCPUEVENT_VALID_SMM and (smi.smm or smi.pending or smi.smm_inside_nmi):
+        fail(errno.EINVAL)
+    if flags & KVM_VCPUEVENT_VALID_TRIPLE_FAULT:
+        fail(errno.EINVAL)
+    arch.exception = None
+    if exc.injected:
+        arch.exception = Event(exc.nr, exc.error_code if exc.has_error_code else None)
+    intr = events.interrupt
+    arch.interrupt = intr.nr if intr.injected or intr.soft else None
+    arch.interrupt_soft = bool(intr.soft) and not intr.injected
+    if flags & KVM_VCPUEVENT_VALID_SHADOW:
+        kvm_register_flush(vcpu)
+        shadow = intr.shadow & (KVM_X86_SHADOW_INT_MOV_SS | KVM_X86_SHADOW_INT_STI)
+        arch.hw.cpu.set_interrupt_shadow(bool(shadow))
+        if shadow:
+            arch.shadow_kind = shadow
+    if flags & KVM_VCPUEVENT_VALID_NMI_PENDING:
+        arch.nmi_pending = min(events.nmi.pending, 1 if events.nmi.masked else 2)
+    arch.nmi_masked = bool(events.nmi.masked)
 
 
 @traced(args=lambda vcpu, irq: {"irq": irq.irq})
@@ -317,7 +580,7 @@ def kvm_arch_vcpu_ioctl_set_guest_debug(vcpu: KvmVcpu, dbg: kvm_guest_debug) -> 
     if control & (KVM_GUESTDBG_INJECT_DB | KVM_GUESTDBG_INJECT_BP):
         if arch.exception is not None:
             fail(errno.EBUSY)
-        arch.exception = DB_VECTOR if control & KVM_GUESTDBG_INJECT_DB else BP_VECTOR
+        arch.exception = Event(DB_VECTOR if control & KVM_GUESTDBG_INJECT_DB else BP_VECTOR)
     arch.guest_debug = control if control & KVM_GUESTDBG_ENABLE else 0
     arch.hw.intercept_bp = bool(arch.guest_debug & KVM_GUESTDBG_USE_SW_BP)
     breakpoints = []
@@ -406,6 +669,8 @@ def kvm_arch_vcpu_ioctl_set_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
     kvm_register_flush(vcpu)
     arch.hw.cpu.set_sregs(sregs)
     arch.new_entry = True
+    if arch.cpuid.entries:
+        arch.update_cpuid_runtime()
 
 
 def vmx_fixup_segment(seg: Any, name: str) -> None:
@@ -505,6 +770,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         hw.remember_code_at(hw.cpu.code_linear(arch.rip))
         arch.new_entry = False
     exit_reason = None
+    arch.has_run = True
     if arch.nmi_pending or arch.interrupt is not None or arch.exception is not None:
         exit_reason = inject_pending_event(vcpu)
     if exit_reason is None:
@@ -540,13 +806,16 @@ def inject_pending_event(vcpu: KvmVcpu) -> int | None:
         return None
     kvm_register_flush(vcpu)
     if arch.exception is not None:
-        event, arch.exception = Event(arch.exception), None
+        event, arch.exception = arch.exception, None
+        arch.last_exception = event
     elif arch.nmi_pending:
-        arch.nmi_pending = False
+        arch.nmi_pending -= 1
         event = Event(NMI_VECTOR, external=True)
     else:
         assert arch.interrupt is not None
-        event, arch.interrupt = Event(arch.interrupt, external=True), None
+        soft = arch.interrupt_soft
+        event = Event(arch.interrupt, software=soft, external=not soft)
+        arch.interrupt, arch.interrupt_soft = None, False
     reason = arch.hw.inject(event)
     arch.rip = arch.hw.cpu.rip
     return reason
@@ -578,6 +847,10 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
         return 1  # a kick: back to vcpu_run, which looks for signals and requests
     if exit_reason == vendor.EXIT_REASON_EPT_MISCONFIG:
         return handle_ept_misconfig(vcpu)
+    if exit_reason == vendor.EXIT_REASON_MSR_READ:
+        return kvm_emulate_rdmsr(vcpu)
+    if exit_reason == vendor.EXIT_REASON_MSR_WRITE:
+        return kvm_emulate_wrmsr(vcpu)
     if exit_reason == vendor.EXIT_REASON_EPT_VIOLATION:
         return handle_emulation_failure(vcpu)
     return handle_exception_nmi(vcpu)
@@ -825,6 +1098,38 @@ def complete_emulated_mmio(vcpu: KvmVcpu) -> int:
 
 
 @traced()
+def kvm_emulate_rdmsr(vcpu: KvmVcpu) -> int:
+    """RDMSR: EDX:EAX = the MSR named by ECX, or #GP(0) if KVM does not know it."""
+    cpu = vcpu.arch.hw.cpu
+    kvm_register_flush(vcpu)
+    value = kvm_get_msr(vcpu, cpu.read_reg(UC_X86_REG_RCX) & 0xFFFF_FFFF, False)
+    if value is None:
+        return kvm_inject_gp(vcpu)
+    cpu.write_reg(UC_X86_REG_RAX, value & 0xFFFF_FFFF)
+    cpu.write_reg(UC_X86_REG_RDX, value >> 32)
+    return kvm_skip_emulated_instruction(vcpu, vcpu.arch.rip + 2)
+
+
+@traced()
+def kvm_emulate_wrmsr(vcpu: KvmVcpu) -> int:
+    """WRMSR: the MSR named by ECX = EDX:EAX, or #GP(0) if KVM refuses it."""
+    cpu = vcpu.arch.hw.cpu
+    kvm_register_flush(vcpu)
+    index = cpu.read_reg(UC_X86_REG_RCX) & 0xFFFF_FFFF
+    value = (cpu.read_reg(UC_X86_REG_RDX) & 0xFFFF_FFFF) << 32
+    value |= cpu.read_reg(UC_X86_REG_RAX) & 0xFFFF_FFFF
+    if not kvm_set_msr(vcpu, index, value, False):
+        return kvm_inject_gp(vcpu)
+    return kvm_skip_emulated_instruction(vcpu, vcpu.arch.rip + 2)
+
+
+def kvm_inject_gp(vcpu: KvmVcpu) -> int:
+    """Queue #GP(0) for the next entry; the guest re-enters at once."""
+    vcpu.arch.exception = Event(GP_VECTOR, 0)
+    return 1
+
+
+@traced()
 def kvm_emulate_halt(vcpu: KvmVcpu) -> int:
     """HLT without an in-kernel local APIC: rip is already past it; userspace decides."""
     vcpu.run.exit_reason = KVM_EXIT_HLT
@@ -883,6 +1188,9 @@ def sync_regs(vcpu: KvmVcpu) -> None:
         kvm_arch_vcpu_ioctl_set_regs(vcpu, regs)
     if run.kvm_dirty_regs & KVM_SYNC_X86_SREGS:
         kvm_arch_vcpu_ioctl_set_sregs(vcpu, kvm_sregs.from_buffer_copy(run.s.regs.sregs))
+    if run.kvm_dirty_regs & KVM_SYNC_X86_EVENTS:
+        events = kvm_vcpu_events.from_buffer_copy(run.s.regs.events)
+        kvm_vcpu_ioctl_x86_set_vcpu_events(vcpu, events)
     run.kvm_dirty_regs &= ~(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS)
 
 
@@ -893,6 +1201,10 @@ def store_regs(vcpu: KvmVcpu) -> None:
         kvm_arch_vcpu_ioctl_get_regs(vcpu, run.s.regs.regs)
     if run.kvm_valid_regs & KVM_SYNC_X86_SREGS:
         kvm_arch_vcpu_ioctl_get_sregs(vcpu, run.s.regs.sregs)
+    if run.kvm_valid_regs & KVM_SYNC_X86_EVENTS:
+        events = kvm_vcpu_events()
+        kvm_vcpu_ioctl_x86_get_vcpu_events(vcpu, events)
+        run.s.regs.events = events
 
 
 @traced()
@@ -921,6 +1233,7 @@ class X86:
     KVM_VCPU_MMAP_PAGES = 3  # kvm_run, the PIO data page, the coalesced MMIO ring
     kvm_run_type = kvm_run
 
+    kvm_arch_dev_ioctl = staticmethod(kvm_arch_dev_ioctl)
     kvm_arch_init_vm = staticmethod(kvm_arch_init_vm)
     kvm_arch_destroy_vm = staticmethod(kvm_arch_destroy_vm)
     kvm_vm_ioctl_check_extension = staticmethod(kvm_vm_ioctl_check_extension)
@@ -951,8 +1264,11 @@ def kvm_x86_vendor_init() -> None:
 
 @traced()
 def vmx_hardware_setup() -> None:
-    """Find where Unicorn keeps the hidden CPU state; an unknown Unicorn fails loudly here."""
+    """Find where Unicorn keeps the hidden CPU state and its intercept controls, and what its
+    CPU implements; an unknown Unicorn fails loudly here."""
     context_layout()
+    svm_layout()
+    cpuid_mod.supported_cpuid()
 
 
 @traced()

@@ -1,9 +1,10 @@
 """Run every benchmark: `python -m benchmarks` (or `make bench`)."""
 
-from benchmarks import kvm_run, lifetimes, vmm, workbench
+from benchmarks import boot, kvm_run, lifetimes, vmm, workbench
 
 if __name__ == "__main__":
     kvm_run.main()
     lifetimes.main()
     vmm.main()
+    boot.main()
     workbench.main()

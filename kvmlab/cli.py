@@ -10,6 +10,7 @@ import os
 import struct
 import sys
 import threading
+from collections import Counter
 from types import ModuleType
 from typing import Any
 
@@ -175,6 +176,67 @@ def run_guest(args: argparse.Namespace, out: Any = None) -> int:
     return EXIT_OK
 
 
+PC_RAM_MB = 128  # QEMU's default -m
+KERNEL_MAX_EXITS = 1_000_000
+
+
+def run_kernel(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
+    """`kvmlab run --kernel IMAGE`: boot a multiboot kernel on a PC, as QEMU's -kernel does.
+
+    stdout carries the kernel's serial output as it comes; stderr a summary of the exits.
+    The status is the kernel's isa-debug-exit code ((value << 1) | 1, an odd number), 1 for
+    an image that cannot boot (as QEMU), EXIT_GUEST_ERROR if the kernel never asked to exit.
+    """
+    from kvmlab.vmm.multiboot import MultibootError
+    from kvmlab.vmm.pc import pc_boot_kernel
+
+    out, err = out or sys.stdout, err or sys.stderr
+    k = _backend(args.backend)
+    try:
+        image = open(args.kernel, "rb").read()  # noqa: SIM115 (read at once)
+    except OSError as e:
+        raise SystemExit(f"kvmlab: cannot read {args.kernel}: {e.strerror}") from None
+    max_exits = args.max_exits or KERNEL_MAX_EXITS
+    try:
+        pc = pc_boot_kernel(
+            image, k, name=args.kernel, cmdline=args.append, cpus=args.smp, ram_size=args.mem << 20
+        )
+    except ValueError as e:  # MultibootError, or a bad --smp/--mem
+        what = "" if isinstance(e, MultibootError) else "bad machine: "
+        raise SystemExit(f"kvmlab: {args.kernel}: {what}{e}") from None
+    except OSError as e:  # KVM refused the VM (too many vCPUs, too much RAM)
+        raise SystemExit(f"kvmlab: cannot create the VM: {e.strerror or e}") from None
+
+    def show(data: bytes) -> None:
+        out.write(data.decode(errors="replace"))
+        out.flush()
+
+    with pc:
+        pc.serial.on_output = show
+        timer = threading.Timer(args.timeout, pc.stop)
+        timer.start()
+        try:
+            pc.run(max_exits=max_exits)
+        finally:
+            timer.cancel()
+        counts = Counter(pc.exit_log.reasons())
+        summary = ", ".join(f"{reason} {n}" for reason, n in counts.most_common())
+        err.write(f"kvmlab: {pc.exit_log.dropped + len(pc.exit_log)} exits ({summary})\n")
+        if pc.exit_code is not None:
+            err.write(f"kvmlab: the kernel exited with code {pc.exit_code}\n")
+            return pc.exit_code & 0xFF
+        if pc.state == "stopped":
+            why = f"did not exit within {args.timeout} s"
+        elif pc.state == "internal-error":
+            why = f"stopped on an error:\n{pc.cpus[0].last_error}"
+        elif pc.cpus[0].halted:
+            why = "halted with interrupts off, without writing to isa-debug-exit (0xf4)"
+        else:
+            why = f"did not exit within {max_exits} exits"
+        err.write(f"kvmlab: the kernel {why}\n")
+        return EXIT_GUEST_ERROR
+
+
 def show_info(out: Any = None) -> int:
     """`kvmlab info`: which backends this machine has, and what each reports."""
     from kvmlab import sys as sim
@@ -209,13 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a hello-world guest and show its exits")
     demo.add_argument("--backend", choices=("sim", "host"), default="sim")
-    run = sub.add_parser("run", help="boot GUEST (.asm or flat .bin) and show its output and exits")
-    run.add_argument("guest")
+    run = sub.add_parser(
+        "run",
+        help="boot GUEST (.asm or flat .bin) and show its output and exits, or a multiboot "
+        "kernel with --kernel, as QEMU's -kernel",
+    )
+    run.add_argument("guest", nargs="?")
+    run.add_argument("--kernel", metavar="IMAGE", help="a multiboot kernel (ELF or a.out kludge)")
+    run.add_argument("--append", metavar="CMDLINE", default="", help="the kernel's command line")
+    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (with --kernel)")
+    run.add_argument("--mem", type=int, default=PC_RAM_MB, metavar="MB", help="RAM (--kernel)")
     run.add_argument("--mode", choices=tuple(ASM_MODES), default="real")
     run.add_argument("--backend", choices=("sim", "host"), default="sim")
     run.add_argument("--entry", type=lambda v: int(v, 0), default=0x1000)
     run.add_argument("--trace", action="store_true", help="print the kernel's call path")
-    run.add_argument("--max-exits", type=int, default=10_000)
+    run.add_argument("--max-exits", type=int, help="default: 10,000 (guest), 1,000,000 (kernel)")
     run.add_argument("--timeout", type=float, default=10.0, help="seconds before a stop")
     sub.add_parser("info", help="the backends on this machine and their capabilities")
     from kvmlab.grader.cli import add_commands  # the graded exercises: `exercises`, `grade`
@@ -225,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "handler"):
         return int(args.handler(args))
     if args.command == "run":
+        if (args.guest is None) == (args.kernel is None):
+            run.error("give either GUEST or --kernel IMAGE")
+        if args.kernel is not None:
+            return run_kernel(args)
+        args.max_exits = args.max_exits or 10_000
         return run_guest(args)
     if args.command == "info":
         return show_info()

@@ -10,7 +10,8 @@ NASM) instead of separating statements, and NASM's `bits`, `db`/`dw`/`dd`/`dq`, 
 `times COUNT db VALUE` and `equ` are read as the GNU directives they mean. Keystone runs in a
 child process with a timeout, errors carry their line, and Keystone's known wrong encodings are
 repaired (16-bit `call`/`ret`/`retf`/`push imm`, 64-bit `[absolute]`) or refused (truncated
-immediates, out-of-reach `loop`).
+immediates, out-of-reach `loop`). Where binutils is installed, `kvmlab.asm.gnu.assemble_gnu`
+builds the same source with GNU `as`, a second opinion the tests hold Keystone to.
 """
 
 from kvmlab.asm.assembler import assemble

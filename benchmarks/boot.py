@@ -15,8 +15,8 @@ from types import ModuleType
 
 from kvmlab import host
 from kvmlab import sys as sim
+from kvmlab.guests.kernels import build_kernels, toolchain_missing
 from kvmlab.vmm.pc import pc_boot_kernel
-from tests.vmm.kernels.build import build_kernels, toolchain_missing
 
 
 def boot_time(k: ModuleType, image: bytes, name: str) -> tuple[float, int]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import BACKENDS, load_backend
-from vmm.kernels.build import build_kernels, toolchain_missing
 
+from kvmlab.guests.kernels import build_kernels, toolchain_missing
 from kvmlab.vmm.multiboot import MULTIBOOT_AOUT_KLUDGE, MULTIBOOT_HEADER_MAGIC
 
 

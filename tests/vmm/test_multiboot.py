@@ -12,6 +12,7 @@ import pytest
 from conftest import load_backend
 
 from kvmlab import sys as sim
+from kvmlab.guests.kernels import build_kernels, toolchain_missing
 from kvmlab.uapi.x86 import KVM_GET_SUPPORTED_CPUID, flex, kvm_cpuid2
 from kvmlab.vmm import EXCP_HLT
 from kvmlab.vmm.hw.fw_cfg import (
@@ -33,8 +34,6 @@ from kvmlab.vmm.multiboot import (
     parse_kernel,
 )
 from kvmlab.vmm.pc import PC, pc_boot_kernel
-
-from .kernels.build import build_kernels, toolchain_missing
 
 MB = 1 << 20
 CPU_LINES = ("cpuid", "IA32_APIC_BASE")  # the answers of the CPU-identity ioctls

@@ -1,4 +1,8 @@
-"""Build the test kernels with the host's gcc (-m32, freestanding, linked at 1 MiB).
+"""Small multiboot kernels, as sources, built with the host's gcc (-m32, freestanding, at 1 MiB).
+
+They boot like any kernel built for QEMU's `-kernel` (see kvmlab.vmm.pc); the tests boot them
+on both backends, and notebook 12 shows one booting. Binaries are not shipped: gcc versions
+would make them differ, so they are built where gcc with 32-bit support is installed.
 
 `build_kernels(directory)` returns their paths: hello.elf (assembly, an a.out-kludge header),
 hello.bin (the same as a flat image, booted through that header alone), probe.elf (C: reports

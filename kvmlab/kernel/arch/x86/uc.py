@@ -178,14 +178,15 @@ def halted_flag_offsets() -> tuple[int, int]:
     """Where Unicorn keeps its CPU's `halted` flag: (offset of the CPUState pointer in
     uc_struct, offset of `halted` in CPUState).
 
-    Found once per process, as emu_count_offset is: a scratch engine stops alternately after a
-    `nop` (not halted) and on a `hlt` (halted), and the one 32-bit word behind a uc_struct
-    pointer that reads 0, 1, 0, 1 across those runs is the flag. A Unicorn where it is not
-    unique fails here loudly.
+    Found once per process, as emu_count_offset is: a scratch engine stops after a `nop` (not
+    halted) or on a `hlt` (halted) in an irregular order, and the one 32-bit word behind a
+    uc_struct pointer that follows that order every time is the flag. Words that merely
+    change (another thread's heap, counters) drop out; a Unicorn where the flag is not unique
+    fails here loudly.
     """
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, PAGE_SIZE)
-    uc.mem_write(0x100, b"\x90\xf4")  # nop; hlt
+    uc.mem_write(0x100, b"\x90\xf4")  # nop; hlt: a count of 1 stops after the nop, 2 on the hlt
     handle = engine_address(uc)
     struct_bytes = copy_from_user(handle, 0x1000)
     pointers = {
@@ -193,23 +194,28 @@ def halted_flag_offsets() -> tuple[int, int]:
         for offset in range(0, len(struct_bytes), 8)
     }
     pointers = {o: p for o, p in pointers.items() if 1 << 20 < p < 1 << 47 and not p % 8}
-    runs: list[dict[int, bytearray]] = []
-    for count in (1, 2, 1, 2):  # after the nop; on the hlt
+
+    def snapshot(count: int) -> dict[int, bytearray]:
         uc.emu_start(0x100, 0, count=count)
-        snapshot = {}
+        regions = {}
         for offset, pointer in pointers.items():
             with contextlib.suppress(OSError):  # not every word is a pointer to readable memory
-                snapshot[offset] = copy_from_user(pointer, 0x10000)
-        runs.append(snapshot)
+                regions[offset] = copy_from_user(pointer, 0x10000)
+        return regions
+
+    running, halted = snapshot(1), snapshot(2)
     found = []
-    for offset in pointers:
-        if not all(offset in run for run in runs) or runs[0][offset] == runs[1][offset]:
-            continue
-        words = [array.array("I", run[offset]) for run in runs]
-        found += [
-            (offset, 4 * i)
-            for i, pattern in enumerate(zip(*words, strict=True))
-            if pattern == (0, 1, 0, 1)
+    for offset in running.keys() & halted.keys():
+        if running[offset] != halted[offset]:
+            words = array.array("I", running[offset]), array.array("I", halted[offset])
+            pairs = zip(*words, strict=True)
+            found += [(offset, 4 * i) for i, pair in enumerate(pairs) if pair == (0, 1)]
+    for count in (1, 2, 2, 1, 1, 2, 1, 2, 2, 1):
+        uc.emu_start(0x100, 0, count=count)
+        found = [
+            (offset, at)
+            for offset, at in found
+            if int.from_bytes(copy_from_user(pointers[offset] + at, 4), "little") == count - 1
         ]
     if len(found) != 1:
         raise RuntimeError(f"kvmlab cannot find Unicorn's CPUState.halted {found}")

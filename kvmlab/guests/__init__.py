@@ -9,6 +9,9 @@ be installed; a test checks that the two never drift apart. Boot one on a Machin
     with guest.machine() as m:       # or guest.machine(kvmlab.host)
         guest.run(m)
         print(m.serial.text())
+
+The arm64 samples (`ARM64_SAMPLES`, sources in `arm64/`) boot the same way on the `virt`
+board over the simulated arm64 /dev/kvm (`kvmlab.sys_arm64`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from importlib import resources
 from types import ModuleType
 
 from kvmlab.vmm import Machine, ScratchDevice
+from kvmlab.vmm.machine import MachineState
+from kvmlab.vmm.virt import VIRT_MEM, Virt
 
 GUEST_BASE = 0x1000
 MMIO_SCRATCH_BASE = 0xD0000000  # outside RAM: every access is an MMIO exit
@@ -29,14 +34,17 @@ class SampleGuest:
 
     name: str
     title: str
-    mode: str  # "real", "protected" or "long"
+    mode: str  # "real", "protected" or "long" on x86; "aarch64" on arm64
     cpus: int = 1
     serial_input: bytes = b""  # typed on COM1 before the guest starts
     mmio_scratch: bool = False  # a ScratchDevice at MMIO_SCRATCH_BASE
+    arch: str = "x86"  # "x86" (the PC Machine) or "arm64" (the virt board), as kvmlab.asm
 
     @property
     def file(self) -> str:
-        return self.name.replace("-", "_")
+        """The path of its source and bytes below this package, without the extension."""
+        name = self.name.replace("-", "_")
+        return name if self.arch == "x86" else f"{self.arch}/{name}"
 
     @property
     def source(self) -> str:
@@ -44,27 +52,48 @@ class SampleGuest:
 
     @property
     def code(self) -> bytes:
-        """The assembled bytes, loaded at GUEST_BASE."""
-        return resources.files(__package__).joinpath(f"bin/{self.file}.bin").read_bytes()
+        """The assembled bytes, loaded at `base`."""
+        return resources.files(__package__).joinpath(self.bin_path).read_bytes()
+
+    @property
+    def bin_path(self) -> str:
+        """Where the bytes are, below this package (`python -m kvmlab.guests` writes them)."""
+        directory, _, name = self.file.rpartition("/")
+        return f"{directory}/bin/{name}.bin".lstrip("/")
+
+    @property
+    def base(self) -> int:
+        """The guest-physical address the code is assembled for and loaded at."""
+        return GUEST_BASE if self.arch == "x86" else VIRT_MEM
 
     @property
     def asm_mode(self) -> str:
-        return {"real": "16", "protected": "32", "long": "64"}[self.mode]
+        return {"real": "16", "protected": "32", "long": "64", "aarch64": "64"}[self.mode]
 
-    def machine(self, k: ModuleType | None = None) -> Machine:
-        """A Machine on the syscall face `k` with this guest booted and its devices added."""
+    def machine(self, k: ModuleType | None = None) -> MachineState:
+        """A board on the syscall face `k` with this guest booted and its devices added:
+        the PC `Machine` for x86, `Virt` for arm64 (default face: `kvmlab.sys_arm64`)."""
+        if self.arch == "arm64":
+            virt = Virt(k, cpus=self.cpus)
+            try:
+                virt.boot(self.code, self.base)
+                virt.serial.feed(self.serial_input)
+            except BaseException:
+                virt.close()
+                raise
+            return virt
         m = Machine(k, cpus=self.cpus)
         try:
             if self.mmio_scratch:
                 m.mmio.register(MMIO_SCRATCH_BASE, 0x100, ScratchDevice())
-            m.boot(self.code, self.mode, GUEST_BASE)
+            m.boot(self.code, self.mode, self.base)
             m.serial.feed(self.serial_input)
         except BaseException:
             m.close()
             raise
         return m
 
-    def run(self, m: Machine, timeout: float = 10.0, max_exits: int = 100_000) -> bool:
+    def run(self, m: MachineState, timeout: float = 10.0, max_exits: int = 100_000) -> bool:
         """Run until every vCPU halts for good or the machine stops; False if `timeout` (for
         several vCPUs, on their threads) or `max_exits` (one vCPU, on this thread) ran out."""
         if self.cpus == 1:
@@ -75,7 +104,8 @@ class SampleGuest:
         try:
             return m.wait(timeout)
         finally:
-            m.pause()
+            if m.state == "running":  # not stopped by the guest (an arm64 SYSTEM_OFF)
+                m.pause()
 
 
 SAMPLES = {
@@ -93,5 +123,22 @@ SAMPLES = {
             mmio_scratch=True,
         ),
         SampleGuest("smp", "two vCPUs hand-shake over shared memory", "real", cpus=2),
+    )
+}
+
+ARM64_SAMPLES = {
+    g.name: g
+    for g in (
+        SampleGuest("hello", "hello over the PL011, then PSCI SYSTEM_OFF", "aarch64", arch="arm64"),
+        SampleGuest(
+            "psci", "PSCI_VERSION answered by KVM, SYSTEM_OFF by the VMM", "aarch64", arch="arm64"
+        ),
+        SampleGuest(
+            "smp",
+            "vCPU 0 starts vCPU 1 with PSCI CPU_ON; they hand-shake over shared memory",
+            "aarch64",
+            cpus=2,
+            arch="arm64",
+        ),
     )
 }

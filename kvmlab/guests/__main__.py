@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from kvmlab.asm import assemble
-from kvmlab.guests import GUEST_BASE, SAMPLES
+from kvmlab.guests import ARM64_SAMPLES, SAMPLES
 
-for guest in SAMPLES.values():
-    code = assemble(guest.source, mode=guest.asm_mode, base=GUEST_BASE).code
-    path = Path(__file__).parent / "bin" / f"{guest.file}.bin"
+for guest in [*SAMPLES.values(), *ARM64_SAMPLES.values()]:
+    code = assemble(guest.source, mode=guest.asm_mode, base=guest.base, arch=guest.arch).code
+    path = Path(__file__).parent / guest.bin_path
     path.write_bytes(code)
     print(f"{path}: {len(code)} bytes")

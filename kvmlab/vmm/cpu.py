@@ -11,9 +11,9 @@ from __future__ import annotations
 import mmap
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from kvmlab.uapi import kvm_regs, kvm_sregs
+from kvmlab.uapi import kvm_regs, kvm_run, kvm_sregs
 from kvmlab.vmm.exitlog import ExitLog
 from kvmlab.vmm.memory import IoBus, MmioBus
 
@@ -38,7 +38,11 @@ class Board(Protocol):
         ...
 
     def qemu_system_reset_request(self) -> None:
-        """Ask for a machine reset (the guest triple-faulted)."""
+        """Ask for a machine reset (the guest triple-faulted, or asked through PSCI)."""
+        ...
+
+    def qemu_system_shutdown_request(self, code: int) -> None:
+        """Stop the machine with exit code `code` (the guest powered off)."""
         ...
 
     def memory_read(self, gpa: int, size: int) -> bytes | None:
@@ -48,7 +52,14 @@ class Board(Protocol):
 
 @dataclass(eq=False)
 class CPUState:
-    """One vCPU: its fd, its kvm_run page, its register copy and its run-control flags."""
+    """One vCPU: its fd, its kvm_run page, its register copy and its run-control flags.
+
+    This is an x86 CPU (QEMU's X86CPU); `vmm.arm.ARMCPU` is the arm64 one. `target` names the
+    module of KVM hooks `kvm_cpu_exec` calls for it (target/<target>/kvm.c).
+    """
+
+    target: ClassVar[str] = "i386"
+    kvm_run_type: ClassVar[type[Any]] = kvm_run  # struct kvm_run as this architecture lays it
 
     cpu_index: int
     k: Any  # the syscall face: kvmlab.sys or kvmlab.host

@@ -45,6 +45,12 @@ CODE_BYTES = 16  # instruction bytes shown from rip in a register dump
 # --- registers: QEMU's env <-> KVM ------------------------------------------------------------
 
 
+def kvm_arch_init_vcpu(cpu: CPUState) -> None:
+    """A new vCPU: KVM's defaults serve on x86 (QEMU sets CPUID here), so only read its
+    reset registers into the CPU's copy."""
+    kvm_arch_get_registers(cpu)
+
+
 def kvm_arch_get_registers(cpu: CPUState) -> None:
     """KVM_GET_REGS/KVM_GET_SREGS into the CPU's copy (cpu.regs, cpu.sregs)."""
     cpu.k.ioctl(cpu.kvm_fd, KVM_GET_REGS, cpu.regs)
@@ -132,6 +138,16 @@ def kvm_arch_handle_exit(cpu: CPUState) -> int:
 # --- reports ----------------------------------------------------------------------------------
 
 
+def cpu_get_pc(cpu: CPUState) -> int | None:
+    """The guest's rip, fresh from KVM (None if KVM_GET_REGS fails)."""
+    regs = kvm_regs()
+    try:
+        cpu.k.ioctl(cpu.kvm_fd, KVM_GET_REGS, regs)
+    except OSError:
+        return None
+    return int(regs.rip)
+
+
 def x86_cpu_dump_state(cpu: CPUState) -> str:
     """Registers (fresh from KVM) and the instruction bytes at rip, like QEMU's `info registers`."""
     regs, sregs = kvm_regs(), kvm_sregs()
@@ -202,3 +218,6 @@ def x86_translate(
             return int(frame | (linear & ((1 << shift) - 1)))
         table = entry & ADDR_MASK
     return None
+
+
+cpu_dump_state = x86_cpu_dump_state  # the name kvm_all calls for any target

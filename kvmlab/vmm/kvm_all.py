@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from kvmlab.uapi import (
@@ -30,29 +31,22 @@ from kvmlab.uapi import (
     KVM_EXIT_IRQ_WINDOW_OPEN,
     KVM_EXIT_MMIO,
     KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_SYSTEM_EVENT,
     KVM_EXIT_UNKNOWN,
     KVM_GET_API_VERSION,
-    KVM_GET_REGS,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     KVM_RUN,
     KVM_SET_USER_MEMORY_REGION,
-    kvm_regs,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
     kvm_run,
     kvm_run_mmio,
     kvm_userspace_memory_region,
 )
+from kvmlab.vmm import arm, i386
 from kvmlab.vmm.cpu import EXCP_HLT, EXCP_INTERRUPT, Board, CPUState
-from kvmlab.vmm.i386 import (
-    kvm_arch_get_registers,
-    kvm_arch_handle_exit,
-    kvm_arch_post_run,
-    kvm_arch_pre_run,
-    kvm_arch_process_async_events,
-    kvm_arch_put_registers,
-    x86_cpu_dump_state,
-)
 from kvmlab.vmm.memory import Bus, address_space_rw
 
 log = logging.getLogger("kvmlab.vmm")
@@ -60,6 +54,13 @@ SIG_IPI = signal.SIGUSR1  # QEMU's kick signal (SIGUSR1 on Linux)
 MMIO_DATA_OFFSET = kvm_run.exit.offset + kvm_run_mmio.data.offset  # run->mmio.data in the page
 INTERNAL_ERRORS = {1: "emulation failure", 2: "exception during exception delivery"}
 INTERNAL_ERRORS |= {3: "unexpected exit during event delivery", 4: "unexpected exit reason"}
+SYSTEM_EVENTS = (KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET)  # the generic ones
+TARGETS = {"i386": i386, "arm": arm}  # the KVM hooks of each CPU's target (CPUState.target)
+
+
+def kvm_arch(cpu: CPUState) -> ModuleType:
+    """The architecture half of the loop for `cpu`: target/i386/kvm.c or target/arm/kvm.c."""
+    return TARGETS[cpu.target]
 
 
 @dataclass
@@ -102,12 +103,16 @@ def kvm_set_user_memory_region(s: KVMState, slot: int, gpa: int, size: int, hva:
     s.k.ioctl(s.vmfd, KVM_SET_USER_MEMORY_REGION, region)
 
 
-def kvm_init_vcpu(s: KVMState, index: int, board: Board) -> CPUState:
-    """KVM_CREATE_VCPU, map its kvm_run, and read its reset registers into the CPU's copy."""
+def kvm_init_vcpu(
+    s: KVMState, index: int, board: Board, cpu_class: type[CPUState] = CPUState, **props: Any
+) -> CPUState:
+    """KVM_CREATE_VCPU, map its kvm_run, let the architecture set the vCPU up
+    (kvm_arch_init_vcpu) and read its reset registers. `props` are the CPU's properties."""
     fd = s.k.ioctl(s.vmfd, KVM_CREATE_VCPU, index)
     run_map = s.k.mmap(fd, s.vcpu_mmap_size)
-    cpu = CPUState(index, s.k, fd, run_map, kvm_run.from_buffer(run_map), board)
-    kvm_arch_get_registers(cpu)
+    run = cpu_class.kvm_run_type.from_buffer(run_map)
+    cpu = cpu_class(index, s.k, fd, run_map, run, board, **props)
+    kvm_arch(cpu).kvm_arch_init_vcpu(cpu)
     return cpu
 
 
@@ -187,16 +192,17 @@ def kvm_cpu_exec(cpu: CPUState, max_runs: int | None = None) -> int:
     """
     run = cpu.kvm_run
     board = cpu.board
-    if kvm_arch_process_async_events(cpu):
+    arch = kvm_arch(cpu)
+    if arch.kvm_arch_process_async_events(cpu):
         cpu.exit_request = False
         return EXCP_HLT
     runs = 0
     ret = 0
     while ret == 0:
         if cpu.vcpu_dirty:  # registers changed by the VMM (boot, reset) go in first
-            kvm_arch_put_registers(cpu)
+            arch.kvm_arch_put_registers(cpu)
             cpu.vcpu_dirty = False
-        kvm_arch_pre_run(cpu)
+        arch.kvm_arch_pre_run(cpu)
         if cpu.exit_request:
             # KVM must be re-entered after an IO exit to finish the instruction: enter, but
             # with immediate_exit, so that KVM_RUN completes it and returns at once.
@@ -211,7 +217,7 @@ def kvm_cpu_exec(cpu: CPUState, max_runs: int | None = None) -> int:
             board.bql.acquire()
         cpu.runs += 1
         runs += 1
-        kvm_arch_post_run(cpu)
+        arch.kvm_arch_post_run(cpu)
 
         if run_ret < 0:
             if run_ret in (-errno.EINTR, -errno.EAGAIN):
@@ -243,16 +249,22 @@ def kvm_cpu_exec(cpu: CPUState, max_runs: int | None = None) -> int:
         elif reason == KVM_EXIT_SHUTDOWN:
             board.qemu_system_reset_request()  # a triple fault: the PC resets
             ret = EXCP_INTERRUPT
+        elif reason == KVM_EXIT_SYSTEM_EVENT and run.system_event.type in SYSTEM_EVENTS:
+            if run.system_event.type == KVM_SYSTEM_EVENT_SHUTDOWN:
+                board.qemu_system_shutdown_request(0)  # the guest powered off: exit status 0
+            else:
+                board.qemu_system_reset_request()
+            ret = EXCP_INTERRUPT
         elif reason == KVM_EXIT_UNKNOWN:
             cpu.last_error = (
                 f"KVM: unknown exit, hardware reason {run.hw.hardware_exit_reason:#x}\n"
-                + x86_cpu_dump_state(cpu)
+                + arch.cpu_dump_state(cpu)
             )
             ret = -1
         elif reason == KVM_EXIT_INTERNAL_ERROR:
             ret = kvm_handle_internal_error(cpu)
         else:
-            ret = kvm_arch_handle_exit(cpu)  # HLT, DEBUG, EXCEPTION, FAIL_ENTRY on x86
+            ret = arch.kvm_arch_handle_exit(cpu)  # HLT, DEBUG, EXCEPTION, FAIL_ENTRY on x86
         name = EXIT_REASON_NAMES.get(reason, str(reason))
         kvm_log_exit(cpu, name, cpu.last_error if ret < 0 else "")
         if ret == 0 and max_runs is not None and runs >= max_runs:
@@ -295,19 +307,14 @@ def kvm_handle_internal_error(cpu: CPUState) -> int:
     ):
         insn = bytes(failure.insn_bytes[: min(failure.insn_size, 15)])
         lines.append(f"instruction bytes: {insn.hex(' ')}")
-    lines.append(x86_cpu_dump_state(cpu))
+    lines.append(kvm_arch(cpu).cpu_dump_state(cpu))
     cpu.last_error = "\n".join(lines)
     return -1
 
 
 def kvm_log_exit(cpu: CPUState, reason: str, detail: str = "") -> None:
-    """Append the exit just handled to the machine's exit log, with the guest's rip."""
-    regs = kvm_regs()
-    try:
-        cpu.k.ioctl(cpu.kvm_fd, KVM_GET_REGS, regs)
-        rip: int | None = regs.rip
-    except OSError:
-        rip = None
+    """Append the exit just handled to the machine's exit log, with the guest's rip (pc)."""
+    rip = kvm_arch(cpu).cpu_get_pc(cpu)
     run = cpu.kvm_run
     fields: dict[str, Any] = {"detail": detail}
     if reason == "IO":

@@ -1,5 +1,8 @@
 """A small PC run on KVM: RAM, vCPUs, the 8259 PICs, the 8254 PIT, a UART and small ports.
 
+`MachineState` is what every board shares (RAM, vCPU threads, the big lock, pause/stop/reset);
+`Machine` is the PC on top of it (`vmm.virt.Virt` is the arm64 board).
+
 Two ways to run it:
 
 - synchronously, on the caller's thread: `machine.run(max_exits=...)` and `machine.step()`,
@@ -26,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from kvmlab.uapi import kvm_regs, kvm_sregs
 from kvmlab.vmm.boot import BOOT_STACK, setup_mode
@@ -79,16 +82,17 @@ class RamBlock:
         return len(self.mem)
 
 
-class Machine:
-    """A PC-like VM on the syscall face `k` (default: `kvmlab.sys`, the simulator).
+class MachineState:
+    """A VM on the syscall face `k` (default: `kvmlab.sys`, the simulator), any architecture.
 
-    `cpus` vCPUs, `ram_size` bytes of RAM at guest-physical 0, the two 8259s at 0x20/0xa0
-    (`pic`, interrupts to vCPU 0), the 8254 at 0x40 (`pit`, IRQ 0) with port 0x61, COM1 at
-    0x3f8 (`serial`, IRQ 4), isa-debug-exit at 0x501 (`debug_exit`), the 0xe9 debug console
-    (`debugcon`) and the POST port 0x80 (`post`). The guest programs the PICs itself, as a
-    PC's firmware would. More devices go on `io` (ports) and `mmio` (addresses outside RAM).
-    Use it as a context manager, or call `close()`, to give the fds and memory back.
+    RAM, the vCPUs and their threads, the buses, the exit log, pause/stop/reset: what QEMU's
+    cpus.c and MachineState give every board. A board (`Machine`, the PC; `vmm.virt.Virt`)
+    says where its RAM is (`ram_base`), how it creates and resets a vCPU (`cpu_init`,
+    `cpu_reset`) and adds its devices. Use it as a context manager, or call `close()`, to give
+    the fds and memory back.
     """
+
+    ram_base = 0  # guest-physical address of the board's RAM
 
     def __init__(
         self,
@@ -112,36 +116,30 @@ class Machine:
         self.ram_blocks: list[RamBlock] = []
         self.cpus: list[CPUState] = []
         self._images: list[tuple[int, bytes]] = []  # what load() wrote: reloaded on reset
-        self._boot_state: dict[int, tuple[bytes, bytes]] = {}  # cpu -> (regs, sregs) at reset
         self._threads: list[threading.Thread] = []
         self.timers = TimerList(self.bql)
         self.timers.start()
         kvm_init_cpu_signals()
         self.kvm: KVMState | None = kvm_init(self.k)
         try:
-            self.ram = self.add_ram(0, ram_size)
+            self.ram = self.add_ram(self.ram_base, ram_size)
             for index in range(cpus):
-                cpu = kvm_init_vcpu(self.kvm, index, self)
-                self.cpus.append(cpu)
-                self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+                self.cpus.append(self.cpu_init(self.kvm, index))
         except BaseException:
             self.close()
             raise
-        self.pic = I8259(on_int=self.pic_irq_request)
-        self.io.register(PIC_MASTER_IOBASE, 2, self.pic.master)
-        self.io.register(PIC_SLAVE_IOBASE, 2, self.pic.slave)
-        self.io.register(PIC_ELCR_IOBASE, 2, self.pic.elcr)
-        self.pit = I8254(self.timers, on_irq=lambda level: self.set_irq(PIT_IRQ, level))
-        self.io.register(PIT_IOBASE, PIT_IOSIZE, self.pit)
-        self.io.register(PCSPK_IOBASE, 1, PCSpk(self.pit))
-        self.post = PostPort()
-        self.io.register(POST_IOBASE, 1, self.post)
-        self.serial = Serial16550(on_irq=lambda level: self.set_irq(COM1_IRQ, level), lock=self.bql)
-        self.io.register(COM1_IOBASE, 8, self.serial)
-        self.debug_exit = DebugExit(on_exit=self.qemu_system_shutdown_request)
-        self.io.register(DEBUG_EXIT_IOBASE, DEBUG_EXIT_IOSIZE, self.debug_exit)
-        self.debugcon = DebugCon()
-        self.io.register(DEBUGCON_IOBASE, 1, self.debugcon)
+
+    def cpu_init(self, kvm: KVMState, index: int) -> CPUState:
+        """Create vCPU `index` and remember its reset state (the board's kind of CPU)."""
+        raise NotImplementedError
+
+    def cpu_reset(self, cpu: CPUState) -> None:
+        """Put `cpu` back in the state it boots in (machine reset; mark it vcpu_dirty)."""
+        raise NotImplementedError
+
+    def cpu_get_pic_interrupt(self, cpu: CPUState) -> int:
+        """The vector to inject into `cpu` now, or -1 (the board's interrupt controller)."""
+        raise NotImplementedError
 
     # --- memory -------------------------------------------------------------------------------
 
@@ -188,55 +186,9 @@ class Machine:
         self.memory_write(gpa, data)
         self._images.append((gpa, bytes(data)))
 
-    # --- boot ---------------------------------------------------------------------------------
-
-    def setup_cpu(
-        self, index: int = 0, mode: str = "real", entry: int = 0x1000, stack: int = BOOT_STACK
-    ) -> None:
-        """Put vCPU `index` in `mode` ("real", "protected", "long") at `entry`; reset returns here.
-
-        The GDT and page tables are loaded like any image, so a reset restores them too.
-        """
-        with self.bql:
-            if self._threads and self.state == "running":
-                raise RuntimeError("pause() the machine before changing a vCPU")
-            cpu = self.cpus[index]
-            kvm_arch_get_registers(cpu)  # cpu_synchronize_state
-            setup_mode(self.load_at, cpu.regs, cpu.sregs, mode, entry, stack)
-            cpu.vcpu_dirty = True
-            cpu.halted = False
-            self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
-
     def load_at(self, gpa: int, data: bytes) -> None:
         """load() with the arguments the other way round: the boot helpers' writer."""
         self.load(data, gpa)
-
-    def boot(self, code: bytes, mode: str = "real", entry: int = 0x1000) -> Machine:
-        """Load `code` at `entry` and point every vCPU there in `mode`; returns the machine."""
-        self.load(code, entry)
-        for cpu in self.cpus:
-            self.setup_cpu(cpu.cpu_index, mode, entry)
-        return self
-
-    # --- interrupts: ISA lines -> the 8259s -> INT of vCPU 0 (no APIC: QEMU's pic_irq_request) --
-
-    def set_irq(self, line: int, level: bool) -> None:
-        """A device's ISA interrupt line (0-15) changed level."""
-        with self.bql:
-            self.pic.set_irq(line, level)
-
-    def pic_irq_request(self, level: bool) -> None:
-        """The master PIC's INT pin: pending for vCPU 0 while high, and a kick when it rises."""
-        cpu = self.cpus[0]
-        if level:
-            cpu.interrupt_request |= CPU_INTERRUPT_HARD
-            qemu_cpu_kick(cpu)
-        else:
-            cpu.interrupt_request &= ~CPU_INTERRUPT_HARD
-
-    def cpu_get_pic_interrupt(self, cpu: CPUState) -> int:
-        """The INTA cycle: the vector the PICs deliver now (INT drops if nothing else waits)."""
-        return self.pic.pic_read_irq()
 
     # --- requests from devices and exits ------------------------------------------------------
 
@@ -548,10 +500,7 @@ class Machine:
         """
         with self.bql:
             for cpu in self.cpus:
-                regs, sregs = self._boot_state[cpu.cpu_index]
-                cpu.regs = kvm_regs.from_buffer_copy(regs)
-                cpu.sregs = kvm_sregs.from_buffer_copy(sregs)
-                cpu.vcpu_dirty = True
+                self.cpu_reset(cpu)
                 cpu.halted = False
                 cpu.interrupt_request = 0
             for gpa, data in self._images:
@@ -581,7 +530,7 @@ class Machine:
             block.mem.close()
         self.ram_blocks = []
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -593,4 +542,100 @@ class Machine:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Machine {self.k.name} {len(self.cpus)} vCPU(s) {self.state}>"
+        return f"<{type(self).__name__} {self.k.name} {len(self.cpus)} vCPU(s) {self.state}>"
+
+
+class Machine(MachineState):
+    """A PC-like VM on the syscall face `k` (default: `kvmlab.sys`, the simulator).
+
+    `cpus` vCPUs, `ram_size` bytes of RAM at guest-physical 0, the two 8259s at 0x20/0xa0
+    (`pic`, interrupts to vCPU 0), the 8254 at 0x40 (`pit`, IRQ 0) with port 0x61, COM1 at
+    0x3f8 (`serial`, IRQ 4), isa-debug-exit at 0x501 (`debug_exit`), the 0xe9 debug console
+    (`debugcon`) and the POST port 0x80 (`post`). The guest programs the PICs itself, as a
+    PC's firmware would. More devices go on `io` (ports) and `mmio` (addresses outside RAM).
+    Use it as a context manager, or call `close()`, to give the fds and memory back.
+    """
+
+    def __init__(
+        self,
+        k: ModuleType | None = None,
+        *,
+        ram_size: int = DEFAULT_RAM_SIZE,
+        cpus: int = 1,
+        log_limit: int = 100_000,
+    ) -> None:
+        self._boot_state: dict[int, tuple[bytes, bytes]] = {}  # cpu -> (regs, sregs) at reset
+        super().__init__(k, ram_size=ram_size, cpus=cpus, log_limit=log_limit)
+        self.pic = I8259(on_int=self.pic_irq_request)
+        self.io.register(PIC_MASTER_IOBASE, 2, self.pic.master)
+        self.io.register(PIC_SLAVE_IOBASE, 2, self.pic.slave)
+        self.io.register(PIC_ELCR_IOBASE, 2, self.pic.elcr)
+        self.pit = I8254(self.timers, on_irq=lambda level: self.set_irq(PIT_IRQ, level))
+        self.io.register(PIT_IOBASE, PIT_IOSIZE, self.pit)
+        self.io.register(PCSPK_IOBASE, 1, PCSpk(self.pit))
+        self.post = PostPort()
+        self.io.register(POST_IOBASE, 1, self.post)
+        self.serial = Serial16550(on_irq=lambda level: self.set_irq(COM1_IRQ, level), lock=self.bql)
+        self.io.register(COM1_IOBASE, 8, self.serial)
+        self.debug_exit = DebugExit(on_exit=self.qemu_system_shutdown_request)
+        self.io.register(DEBUG_EXIT_IOBASE, DEBUG_EXIT_IOSIZE, self.debug_exit)
+        self.debugcon = DebugCon()
+        self.io.register(DEBUGCON_IOBASE, 1, self.debugcon)
+
+    def cpu_init(self, kvm: KVMState, index: int) -> CPUState:
+        """KVM_CREATE_VCPU; its reset registers are where reset() returns until setup_cpu."""
+        cpu = kvm_init_vcpu(kvm, index, self)
+        self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+        return cpu
+
+    def cpu_reset(self, cpu: CPUState) -> None:
+        regs, sregs = self._boot_state[cpu.cpu_index]
+        cpu.regs = kvm_regs.from_buffer_copy(regs)
+        cpu.sregs = kvm_sregs.from_buffer_copy(sregs)
+        cpu.vcpu_dirty = True
+
+    # --- boot ---------------------------------------------------------------------------------
+
+    def setup_cpu(
+        self, index: int = 0, mode: str = "real", entry: int = 0x1000, stack: int = BOOT_STACK
+    ) -> None:
+        """Put vCPU `index` in `mode` ("real", "protected", "long") at `entry`; reset returns here.
+
+        The GDT and page tables are loaded like any image, so a reset restores them too.
+        """
+        with self.bql:
+            if self._threads and self.state == "running":
+                raise RuntimeError("pause() the machine before changing a vCPU")
+            cpu = self.cpus[index]
+            kvm_arch_get_registers(cpu)  # cpu_synchronize_state
+            setup_mode(self.load_at, cpu.regs, cpu.sregs, mode, entry, stack)
+            cpu.vcpu_dirty = True
+            cpu.halted = False
+            self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+
+    def boot(self, code: bytes, mode: str = "real", entry: int = 0x1000) -> Machine:
+        """Load `code` at `entry` and point every vCPU there in `mode`; returns the machine."""
+        self.load(code, entry)
+        for cpu in self.cpus:
+            self.setup_cpu(cpu.cpu_index, mode, entry)
+        return self
+
+    # --- interrupts: ISA lines -> the 8259s -> INT of vCPU 0 (no APIC: QEMU's pic_irq_request) --
+
+    def set_irq(self, line: int, level: bool) -> None:
+        """A device's ISA interrupt line (0-15) changed level."""
+        with self.bql:
+            self.pic.set_irq(line, level)
+
+    def pic_irq_request(self, level: bool) -> None:
+        """The master PIC's INT pin: pending for vCPU 0 while high, and a kick when it rises."""
+        cpu = self.cpus[0]
+        if level:
+            cpu.interrupt_request |= CPU_INTERRUPT_HARD
+            qemu_cpu_kick(cpu)
+        else:
+            cpu.interrupt_request &= ~CPU_INTERRUPT_HARD
+
+    def cpu_get_pic_interrupt(self, cpu: CPUState) -> int:
+        """The INTA cycle: the vector the PICs deliver now (INT drops if nothing else waits)."""
+        return self.pic.pic_read_irq()

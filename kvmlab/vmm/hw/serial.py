@@ -8,12 +8,7 @@ https://gitlab.com/qemu-project/qemu/-/blob/master/hw/char/serial.c
 
 from __future__ import annotations
 
-import threading
-from collections import deque
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-
-from kvmlab.vmm.memory import Device
+from kvmlab.vmm.hw.uart import Uart
 
 # register offsets from the base port
 UART_RX = UART_TX = UART_DLL = 0  # RBR (read) / THR (write); DLL when LCR.DLAB
@@ -43,25 +38,10 @@ UART_MCR_LOOP = 0x10
 UART_MSR_CTS, UART_MSR_DSR, UART_MSR_RI, UART_MSR_DCD = 0x10, 0x20, 0x40, 0x80
 
 
-class Serial16550(Device):
+class Serial16550(Uart):
     """The UART's registers; `feed` types into it, `output`/`on_output` show what it sent."""
 
     name = "serial"
-
-    def __init__(
-        self,
-        on_output: Callable[[bytes], None] | None = None,
-        on_irq: Callable[[bool], None] | None = None,
-        lock: AbstractContextManager[object] | None = None,
-    ) -> None:
-        self.on_output = on_output
-        self.on_irq = on_irq
-        # The machine passes its big lock: feed() runs on a notebook's thread, reads on vCPUs.
-        self._lock: AbstractContextManager[object] = lock if lock is not None else threading.RLock()
-        self.output = bytearray()
-        self.rx: deque[int] = deque()
-        self.irq_level = False
-        self.reset()
 
     def reset(self) -> None:
         """Power-on state: no interrupts enabled, transmitter empty, 9600 baud; input dropped."""
@@ -80,19 +60,11 @@ class Serial16550(Device):
             self.rx.clear()
             self._update_irq()
 
-    # --- the outside world ------------------------------------------------------------------
-
-    def feed(self, data: bytes) -> None:
-        """Queue bytes for the guest to read from RBR (what a user types)."""
-        with self._lock:
-            self.rx.extend(data)
-            if self.rx:
-                self.lsr |= UART_LSR_DR
-            self._update_irq()
-
-    def text(self) -> str:
-        """Everything the guest transmitted, decoded leniently."""
-        return self.output.decode(errors="replace")
+    def _received(self) -> None:
+        """Typed input is read from RBR: data ready."""
+        if self.rx:
+            self.lsr |= UART_LSR_DR
+        self._update_irq()
 
     # --- the guest's side -------------------------------------------------------------------
 
@@ -172,9 +144,7 @@ class Serial16550(Device):
             self.rx.append(byte)
             self.lsr |= UART_LSR_DR
         else:
-            self.output.append(byte)
-            if self.on_output is not None:
-                self.on_output(bytes([byte]))
+            self._send(byte)
         self.lsr |= UART_LSR_THRE | UART_LSR_TEMT
         self.thr_ipending = True
         self._update_irq()
@@ -188,8 +158,4 @@ class Serial16550(Device):
         else:
             cause = UART_IIR_NO_INT
         self.iir = cause | (self.iir & 0xF0)
-        level = cause != UART_IIR_NO_INT
-        if level != self.irq_level:
-            self.irq_level = level
-            if self.on_irq is not None:
-                self.on_irq(level)
+        self._set_irq(cause != UART_IIR_NO_INT)

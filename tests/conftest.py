@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from kvmlab import host
+from kvmlab.guests.kernels import build_kernels, toolchain_missing
 
 BACKENDS = ("sim", "host")
 
@@ -26,3 +28,12 @@ def load_backend(name: str) -> ModuleType:
 def k(request: pytest.FixtureRequest) -> ModuleType:
     """A backend with open/ioctl/mmap/close, parametrised over the simulator and the host."""
     return load_backend(request.param)
+
+
+@pytest.fixture(scope="session")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The multiboot test kernels, built once with gcc (skipped where gcc -m32 cannot)."""
+    reason = toolchain_missing()
+    if reason:
+        pytest.skip(reason)
+    return build_kernels(tmp_path_factory.mktemp("kernels"))

@@ -11,16 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import BACKENDS, load_backend
 
-from kvmlab.guests.kernels import build_kernels, toolchain_missing
 from kvmlab.vmm.multiboot import MULTIBOOT_AOUT_KLUDGE, MULTIBOOT_HEADER_MAGIC
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    reason = toolchain_missing()
-    if reason:
-        pytest.skip(reason)
-    return build_kernels(tmp_path_factory.mktemp("kernels"))
 
 
 def kvmlab(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ import pytest
 from conftest import load_backend
 
 from kvmlab import sys as sim
-from kvmlab.guests.kernels import build_kernels, toolchain_missing
 from kvmlab.uapi.x86 import KVM_GET_SUPPORTED_CPUID, flex, kvm_cpuid2
 from kvmlab.vmm import EXCP_HLT
 from kvmlab.vmm.hw.fw_cfg import (
@@ -37,14 +36,6 @@ from kvmlab.vmm.pc import PC, pc_boot_kernel
 
 MB = 1 << 20
 CPU_LINES = ("cpuid", "IA32_APIC_BASE")  # the answers of the CPU-identity ioctls
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    reason = toolchain_missing()
-    if reason:
-        pytest.skip(reason)
-    return build_kernels(tmp_path_factory.mktemp("kernels"))
 
 
 def boot(k: ModuleType, image: Path, cmdline: str = "", **kwargs: int) -> tuple[str, int | None]:

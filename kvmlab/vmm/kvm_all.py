@@ -172,6 +172,13 @@ def qemu_cpu_kick(cpu: CPUState) -> None:
             signal.pthread_kill(tid, SIG_IPI)
 
 
+def kvm_cpu_synchronize_post_reset(cpu: CPUState) -> None:
+    """Put the VMM's register copy into KVM now (after a reset or a boot set-up), so that
+    KVM_GET_REGS from anywhere shows it, instead of waiting for the next KVM_RUN."""
+    kvm_arch(cpu).kvm_arch_put_registers(cpu)
+    cpu.vcpu_dirty = False
+
+
 def cpu_exit(cpu: CPUState) -> None:
     """Ask the vCPU to leave kvm_cpu_exec as soon as it can (QEMU's cpu_exit)."""
     cpu.exit_request = True

@@ -52,6 +52,7 @@ from kvmlab.vmm.kvm_all import (
     KVMState,
     cpu_exit,
     kvm_cpu_exec,
+    kvm_cpu_synchronize_post_reset,
     kvm_destroy_vcpu,
     kvm_init,
     kvm_init_cpu_signals,
@@ -212,6 +213,24 @@ class MachineState:
             for cpu in self.cpus:
                 cpu.stop = True
                 cpu_exit(cpu)
+
+    def vm_start(self) -> None:
+        """Continue after a debug stop, as QEMU's gdbstub does with vm_start(): the vCPUs run
+        again (on their threads, or at the next run()/step()), and kicks sent for the stop that
+        arrived after it are dropped."""
+        with self.bql:
+            if self.state != "debug":
+                raise RuntimeError(f"cannot continue a machine that is {self.state}")
+            for cpu in self.cpus:
+                cpu.exit_request = False
+                cpu.kvm_run.immediate_exit = 0
+            if self._threads:
+                self._set_state("running")
+                self.resume_all_vcpus()
+            else:
+                for cpu in self.cpus:
+                    cpu.stop = False
+                self._set_state("created")
 
     def _set_state(self, state: str) -> None:
         if state not in STATES:
@@ -501,6 +520,7 @@ class MachineState:
         with self.bql:
             for cpu in self.cpus:
                 self.cpu_reset(cpu)
+                kvm_cpu_synchronize_post_reset(cpu)
                 cpu.halted = False
                 cpu.interrupt_request = 0
             for gpa, data in self._images:
@@ -609,7 +629,7 @@ class Machine(MachineState):
             cpu = self.cpus[index]
             kvm_arch_get_registers(cpu)  # cpu_synchronize_state
             setup_mode(self.load_at, cpu.regs, cpu.sregs, mode, entry, stack)
-            cpu.vcpu_dirty = True
+            kvm_cpu_synchronize_post_reset(cpu)
             cpu.halted = False
             self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
 

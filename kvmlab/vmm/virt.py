@@ -25,7 +25,7 @@ from kvmlab.vmm.arm import (
 )
 from kvmlab.vmm.cpu import CPUState
 from kvmlab.vmm.hw.pl011 import PL011, PL011_MMIO_SIZE
-from kvmlab.vmm.kvm_all import KVMState, kvm_init_vcpu
+from kvmlab.vmm.kvm_all import KVMState, kvm_cpu_synchronize_post_reset, kvm_init_vcpu
 from kvmlab.vmm.machine import MachineState
 
 VIRT_MEM = 0x40000000  # base_memmap[VIRT_MEM]
@@ -83,5 +83,5 @@ class Virt(MachineState):
             cpu = self.cpus[0]
             kvm_arch_get_registers(cpu)  # cpu_synchronize_state
             arm_cpu(cpu).core[REG_PC] = entry
-            cpu.vcpu_dirty = True
+            kvm_cpu_synchronize_post_reset(cpu)
         return self

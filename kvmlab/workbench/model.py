@@ -39,8 +39,8 @@ from kvmlab.uapi import (
     kvm_sregs,
 )
 from kvmlab.vmm import Machine
-from kvmlab.vmm.i386 import kvm_arch_get_registers, kvm_arch_put_registers, x86_translate
-from kvmlab.vmm.kvm_all import cpu_exit
+from kvmlab.vmm.i386 import kvm_arch_get_registers, x86_translate
+from kvmlab.vmm.kvm_all import cpu_exit, kvm_cpu_synchronize_post_reset
 from kvmlab.workbench import kvmrun
 from kvmlab.workbench.state import MachineState, RamShadow, RamUndo, load_machine, save_machine
 from kvmlab.workbench.watch import Tracer, Watchdog
@@ -203,7 +203,6 @@ class Workbench:
             m = Machine(k, ram_size=self.ram_size)
             self.machine = m
             m.boot(program.code, mode=self.mode, entry=self.entry)
-            self._synchronize_post_reset(m)
         except (OSError, RuntimeError, ValueError) as e:
             self.report("workbench", e)
             self.close()
@@ -228,7 +227,6 @@ class Workbench:
         def reset() -> None:
             self._settle()
             m.reset()
-            self._synchronize_post_reset(m)
 
         self._act("reset", reset)
 
@@ -305,8 +303,8 @@ class Workbench:
         elif m.state == "shutdown":
             self.report("guest", f"the guest wrote the exit device: code {m.exit_code}")
         with m.bql:
-            if m.state == "debug":  # QEMU's gdbstub would vm_start(); Machine has no call for it
-                m.state = "created"
+            if m.state == "debug":  # a debugger continues the VM
+                m.vm_start()
             cpu.stop = cpu.exit_request = False  # a Stop's kick that came after the exit
             cpu.kvm_run.immediate_exit = 0
 
@@ -464,8 +462,7 @@ class Workbench:
         load_machine(m, entry.machine)
         cpu.regs = kvm_regs.from_buffer_copy(entry.machine.regs)
         cpu.sregs = kvm_sregs.from_buffer_copy(entry.machine.sregs)
-        kvm_arch_put_registers(cpu)
-        cpu.vcpu_dirty = False
+        kvm_cpu_synchronize_post_reset(cpu)
         area = entry.view.run_area
         if area:
             start = kvm_run.exit_reason.offset  # KVM_RUN's inputs before it stay as they are
@@ -557,15 +554,6 @@ class Workbench:
         finally:
             cpu.kvm_run.immediate_exit = 0
         self._owed = False
-
-    @staticmethod
-    def _synchronize_post_reset(m: Machine) -> None:
-        """Put the boot registers into KVM now, so that KVM_GET_REGS shows them (QEMU's
-        cpu_synchronize_post_reset); Machine leaves them for the next KVM_RUN."""
-        with m.bql:
-            cpu = m.cpus[0]
-            kvm_arch_put_registers(cpu)
-            cpu.vcpu_dirty = False
 
     def _read_registers(self) -> tuple[bytes, bytes]:
         cpu = self._require().cpus[0]

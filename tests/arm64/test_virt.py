@@ -120,7 +120,7 @@ def test_boot_sets_pc_with_one_reg_and_mmio_exits_carry_it() -> None:
     code = assemble("ldr x1, =0x09000000\nmov w2, #0x4b\nstrb w2, [x1]\n" + OFF)
     with Virt() as m:
         m.boot(code, VIRT_MEM + 0x100)
-        assert m.cpus[0].vcpu_dirty  # put with KVM_SET_ONE_REG at the next KVM_RUN
+        assert not m.cpus[0].vcpu_dirty  # already in KVM: KVM_SET_ONE_REG at boot
         record = m.step()
         assert record is not None
         assert (record.reason, record.address, record.direction, record.data) == (

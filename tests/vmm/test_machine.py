@@ -13,7 +13,15 @@ from types import ModuleType
 
 import pytest
 
-from kvmlab.vmm import EXCP_HLT, EXCP_INTERRUPT, Machine, ScratchDevice
+from kvmlab.uapi import (
+    KVM_GET_REGS,
+    KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP,
+    KVM_SET_GUEST_DEBUG,
+    kvm_guest_debug,
+    kvm_regs,
+)
+from kvmlab.vmm import EXCP_DEBUG, EXCP_HLT, EXCP_INTERRUPT, Machine, ScratchDevice
 
 from .guests import (
     DEBUG_EXIT_REAL,
@@ -311,3 +319,27 @@ def test_typing_wakes_a_halted_vcpu_thread_through_an_interrupt(make_machine: Ma
     m.serial.feed(b"yz")
     assert wait_until(lambda: m.debugcon.text() == "yz")
     assert m.wait(5)
+
+
+# --- debug stops and the register copy ----------------------------------------------------------
+
+
+def test_boot_puts_the_registers_into_kvm_at_once(make_machine: MakeMachine) -> None:
+    m = make_machine().boot(b"\xf4", "real", 0x1000)
+    regs = kvm_regs()
+    m.k.ioctl(m.cpus[0].kvm_fd, KVM_GET_REGS, regs)
+    assert (regs.rip, m.cpus[0].vcpu_dirty) == (0x1000, False)
+
+
+def test_vm_start_continues_after_a_debug_stop(make_machine: MakeMachine) -> None:
+    m = make_machine().boot(b"\x90\x90\xf4", "real", 0x1000)  # nop; nop; hlt
+    debug = kvm_guest_debug(control=KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
+    m.k.ioctl(m.cpus[0].kvm_fd, KVM_SET_GUEST_DEBUG, debug)
+    assert m.run() == EXCP_DEBUG and m.state == "debug"
+    with pytest.raises(RuntimeError, match="the machine is debug"):
+        m.run()
+    m.vm_start()
+    m.k.ioctl(m.cpus[0].kvm_fd, KVM_SET_GUEST_DEBUG, kvm_guest_debug())
+    assert (m.run(), m.state) == (EXCP_HLT, "created")
+    with pytest.raises(RuntimeError, match="cannot continue a machine that is created"):
+        m.vm_start()

@@ -12,9 +12,12 @@ import sys
 import threading
 from collections import Counter
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmlab import host
+
+if TYPE_CHECKING:
+    from kvmlab.vmm import Machine
 from kvmlab.uapi import (
     EXIT_REASON_NAMES,
     KVM_CREATE_VCPU,
@@ -122,28 +125,56 @@ def _guest_code(path: str, mode: str, entry: int) -> bytes:
         raise SystemExit(f"kvmlab: {path}: {e}") from None
 
 
+def _machine(args: argparse.Namespace, k: ModuleType) -> Machine:
+    """A machine with GUEST booted: a file (.asm or flat .bin), or a sample guest by name,
+    which brings its own CPU mode, vCPUs, devices and typed input."""
+    from kvmlab.guests import SAMPLES
+    from kvmlab.vmm import Machine
+
+    if not os.path.exists(args.guest) and args.guest in SAMPLES:
+        sample = SAMPLES[args.guest].machine(k)
+        assert isinstance(sample, Machine)  # the x86 samples boot on the PC
+        return sample
+    code = _guest_code(args.guest, args.mode, args.entry)
+    m = Machine(k)
+    m.boot(code, mode=args.mode, entry=args.entry)
+    return m
+
+
+def _run(m: Machine, max_exits: int, timeout: float) -> tuple[int, bool]:
+    """Run to a halt (on this thread, or on vCPU threads for several vCPUs); the last
+    kvm_cpu_exec result and whether `timeout` ran out first."""
+    from kvmlab.vmm import EXCP_HLT, EXCP_INTERRUPT
+
+    if len(m.cpus) > 1:
+        m.start()
+        quiet = m.wait(timeout)
+        halted = all(cpu.halted for cpu in m.cpus)
+        m.stop()
+        return (EXCP_HLT if halted else EXCP_INTERRUPT), not quiet
+    timer = threading.Timer(timeout, m.stop)
+    timer.start()
+    try:
+        result = m.run(max_exits=max_exits)
+    finally:
+        timer.cancel()
+    return result, m.state == "stopped" and m.exit_code is None
+
+
 def run_guest(args: argparse.Namespace, out: Any = None) -> int:
     """`kvmlab run`: boot GUEST on a small machine, print its serial output and its exits."""
     from kvmlab.kernel import trace
-    from kvmlab.vmm import EXCP_HLT, Machine
+    from kvmlab.vmm import EXCP_HLT
 
     out = out or sys.stdout
     k = _backend(args.backend)
-    code = _guest_code(args.guest, args.mode, args.entry)
     recording = trace.recording() if args.trace and k.name == "sim" else None
-    with Machine(k) as m:
-        m.boot(code, mode=args.mode, entry=args.entry)
-        timer = threading.Timer(args.timeout, m.stop)
-        timer.start()
-        try:
-            if recording is not None:
-                with recording as rec:
-                    result = m.run(max_exits=args.max_exits)
-            else:
-                result = m.run(max_exits=args.max_exits)
-        finally:
-            timer.cancel()
-        timed_out = m.state == "stopped" and m.exit_code is None
+    with _machine(args, k) as m:
+        if recording is not None:
+            with recording as rec:
+                result, timed_out = _run(m, args.max_exits, args.timeout)
+        else:
+            result, timed_out = _run(m, args.max_exits, args.timeout)
         out.write(m.serial.text())
         if m.serial.output and not m.serial.output.endswith(b"\n"):
             out.write("\n")
@@ -174,6 +205,15 @@ def run_guest(args: argparse.Namespace, out: Any = None) -> int:
             out.write(f"kvmlab: stopped after {args.max_exits} exits without a HLT\n")
             return EXIT_RUNAWAY
     return EXIT_OK
+
+
+def list_samples(out: Any) -> None:
+    """The sample guests `kvmlab run NAME` boots."""
+    from kvmlab.guests import SAMPLES
+
+    out.write("sample guests (kvmlab run NAME):\n")
+    for name, guest in SAMPLES.items():
+        out.write(f"  {name:<16} {guest.mode:<10} {guest.title}\n")
 
 
 PC_RAM_MB = 128  # QEMU's default -m
@@ -263,18 +303,29 @@ def show_info(out: Any = None) -> int:
         for cap, value in sorted(present.items()):
             if value:
                 out.write(f"  {cap} = {value}\n")
+    list_samples(out)
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `kvmlab` command; a reader that goes away (`kvmlab run timer | head`) ends it quietly,
+    as it ends any Unix tool."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_GUEST_ERROR
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="kvmlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a hello-world guest and show its exits")
     demo.add_argument("--backend", choices=("sim", "host"), default="sim")
     run = sub.add_parser(
         "run",
-        help="boot GUEST (.asm or flat .bin) and show its output and exits, or a multiboot "
-        "kernel with --kernel, as QEMU's -kernel",
+        help="boot GUEST (.asm, flat .bin, or a sample's name: see `kvmlab info`) and show its "
+        "output and exits, or a multiboot kernel with --kernel, as QEMU's -kernel",
     )
     run.add_argument("guest", nargs="?")
     run.add_argument("--kernel", metavar="IMAGE", help="a multiboot kernel (ELF or a.out kludge)")

@@ -85,3 +85,28 @@ def test_info_lists_the_backends_and_what_they_report(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "sim: kvmlab's simulated /dev/kvm" in out and "KVM_GET_API_VERSION = 12" in out
     assert "host:" in out
+
+
+@pytest.mark.parametrize(("name", "output"), [("timer", "10 ticks"), ("smp", "handshake done")])
+def test_a_sample_guest_runs_by_its_name(name: str, output: str) -> None:
+    done = kvmlab("run", name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert output in done.stdout
+
+
+def test_info_lists_the_sample_guests(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info"]) == 0
+    assert "  timer            real       ten PIT interrupts" in capsys.readouterr().out
+
+
+def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path: Path) -> None:
+    guest = tmp_path / "chatty.bin"
+    guest.write_bytes(b"\xe6\x80\xeb\xfc")  # l: out 0x80, al; jmp l
+    cli = [sys.executable, "-m", "kvmlab.cli", "run", str(guest), "--max-exits", "5000"]
+    with subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(5)
+        proc.stdout.close()  # as `| head -c 5` does, long before the 5,000-line exit table ends
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err

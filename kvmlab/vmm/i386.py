@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from kvmlab.uapi import (
     EXIT_REASON_NAMES,
@@ -22,6 +23,7 @@ from kvmlab.uapi import (
     KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_INTERRUPT,
+    KVM_SET_CPUID2,
     KVM_SET_REGS,
     KVM_SET_SREGS,
     SEGMENT_NAMES,
@@ -33,6 +35,7 @@ from kvmlab.uapi import (
     kvm_sregs,
 )
 from kvmlab.vmm.cpu import CPU_INTERRUPT_HARD, EXCP_DEBUG, EXCP_HLT, CPUState
+from kvmlab.vmm.cpu_model import FeatureWord, X86CPUDefinition, cpu_x86_cpuid, cpuid2
 
 log = logging.getLogger("kvmlab.vmm")
 X86_CR4_PSE = 1 << 4
@@ -45,9 +48,22 @@ CODE_BYTES = 16  # instruction bytes shown from rip in a register dump
 # --- registers: QEMU's env <-> KVM ------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class X86CPU(CPUState):
+    """An x86 vCPU of a CPU model (QEMU's X86CPU): `features` are the model's, filtered by
+    what KVM supports (vmm.cpu_model); `apic_id` goes into CPUID leaf 1."""
+
+    model: X86CPUDefinition | None = None
+    features: dict[FeatureWord, int] = field(default_factory=dict)
+    apic_id: int = 0
+
+
 def kvm_arch_init_vcpu(cpu: CPUState) -> None:
-    """A new vCPU: KVM's defaults serve on x86 (QEMU sets CPUID here), so only read its
-    reset registers into the CPU's copy."""
+    """A new vCPU: give KVM its CPUID table if it has a model (a plain CPUState keeps KVM's
+    default, an empty table: every leaf reads zero), then read its reset registers."""
+    if isinstance(cpu, X86CPU) and cpu.model is not None:
+        entries = cpu_x86_cpuid(cpu.model, cpu.features, cpu.apic_id)
+        cpu.k.ioctl(cpu.kvm_fd, KVM_SET_CPUID2, cpuid2(entries))
     kvm_arch_get_registers(cpu)
 
 

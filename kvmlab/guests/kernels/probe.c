@@ -1,8 +1,8 @@
 /* probe.c: a kernel that reports what it was booted with, the way a hobby kernel or a test
  * suite starts: the multiboot information (flags, memory sizes, command line, memory map,
  * loader name), QEMU's fw_cfg (signature, ID, RAM size, CPU counts, file directory), the
- * CPU (CPUID vendor and leaves, IA32_APIC_BASE, a wrmsr read back) and the local APIC
- * page (ID, version).
+ * CPU (CPUID: vendor, brand, every basic and extended leaf, the hypervisor's leaves and a leaf
+ * past the last; IA32_APIC_BASE, a wrmsr read back) and the local APIC page (ID, version).
  * The command line may say "exit=N": the kernel then exits through isa-debug-exit with N. */
 #include "lib.h"
 
@@ -84,18 +84,45 @@ static void report_fw_cfg(void)
     }
 }
 
+#define MAX_LEAVES 0x20 /* printed per range at most, whatever the CPU claims */
+
+static void print_leaf(u32 leaf)
+{
+    u32 r[4];
+    cpuid(leaf, 0, r);
+    printf("cpuid %x: %x %x %x %x\n", leaf, r[0], r[1], r[2], r[3]);
+}
+
+/* Every leaf from `base` to the highest the CPU names there; the highest, or 0 if none. */
+static u32 print_leaves(u32 base)
+{
+    u32 r[4];
+    cpuid(base, 0, r);
+    u32 top = r[0] >= base && r[0] - base < MAX_LEAVES ? r[0] : base;
+    for (u32 leaf = base; leaf <= top; leaf++)
+        print_leaf(leaf);
+    return r[0] >= base ? r[0] : 0;
+}
+
 static void report_cpu(void)
 {
     u32 r[4];
-    char vendor[13];
+    char text[49] = {0};
     cpuid(0, 0, r);
-    *(u32 *)vendor = r[1];
-    *(u32 *)(vendor + 4) = r[3];
-    *(u32 *)(vendor + 8) = r[2];
-    vendor[12] = 0;
-    printf("cpuid 0: max leaf %x vendor \"%s\"\n", r[0], vendor);
-    cpuid(1, 0, r);
-    printf("cpuid 1: eax %x ebx %x ecx %x edx %x\n", r[0], r[1], r[2], r[3]);
+    *(u32 *)text = r[1];
+    *(u32 *)(text + 4) = r[3];
+    *(u32 *)(text + 8) = r[2];
+    printf("cpuid vendor \"%s\"\n", text);
+    print_leaves(0);
+    u32 top = print_leaves(0x80000000);
+    if (top >= 0x80000004) {
+        for (u32 i = 0; i < 3; i++)
+            cpuid(0x80000002 + i, 0, (u32 *)(text + 16 * i));
+        printf("cpuid brand \"%s\"\n", text);
+    }
+    print_leaf(top ? top + 1 : 0x80000001); /* past the last leaf */
+    print_leaf(0x40000000);
+    print_leaf(0x40000001);
     printf("IA32_APIC_BASE %X\n", rdmsr(MSR_IA32_APICBASE));
     wrmsr(MSR_IA32_SYSENTER_CS, 0x10);
     printf("IA32_SYSENTER_CS %X after wrmsr 10\n", rdmsr(MSR_IA32_SYSENTER_CS));

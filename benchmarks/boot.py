@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from benchmarks.results import Figure, figure
 from kvmlab import host
 from kvmlab import sys as sim
 from kvmlab.guests.kernels import build_kernels, toolchain_missing
@@ -30,11 +31,12 @@ def boot_time(k: ModuleType, image: bytes, name: str) -> tuple[float, int]:
         return elapsed, len(pc.exit_log)
 
 
-def main(runs: int = 5) -> None:
+def main(runs: int = 5) -> list[Figure]:
     reason = toolchain_missing()
     if reason:
         print(f"(f) kernel boot: skipped, {reason}")
-        return
+        return []
+    figures = []
     backends = [sim] + ([] if host.available() else [host])
     with tempfile.TemporaryDirectory() as tmp:
         kernels = build_kernels(Path(tmp))
@@ -52,8 +54,20 @@ def main(runs: int = 5) -> None:
             missing = f"{'-':>9}"
             ratio = f"{times['sim'] / times['host']:9.2f}" if "host" in times else missing
             print(f"    {name:<10} {exits:>6} {ms['sim']} {ms.get('host', missing)} {ratio}")
+            host_ms = times["host"] * 1e3 if "host" in times else None
+            figures.append(
+                figure(
+                    "boot",
+                    f"{name} boot to exit ({exits} exits)",
+                    times["sim"] * 1e3,
+                    "ms",
+                    "host /dev/kvm" if host_ms else None,
+                    host_ms,
+                )
+            )
         if "host" not in times:
             print(f"    (host: {host.available()})")
+    return figures
 
 
 if __name__ == "__main__":

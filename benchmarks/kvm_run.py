@@ -22,6 +22,7 @@ from types import ModuleType
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
 
+from benchmarks.results import Figure, figure
 from kvmlab import host
 from kvmlab import sys as sim
 from kvmlab.kernel import trace
@@ -198,7 +199,8 @@ def best(f, *args, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
     return max(f(*args) for _ in range(repeat))
 
 
-def main() -> None:
+def main() -> list[Figure]:
+    g = "kvm_run"
     n = 20_000_000
     sim_rate = best(guest_compute, sim, n)
     plain = best(bare_unicorn, n, False)
@@ -208,6 +210,8 @@ def main() -> None:
     print(f"    bare Unicorn, no hooks    {plain / 1e6:8.1f} M/s   ratio {sim_rate / plain:.2f}")
     print(f"    bare Unicorn, counted     {counted / 1e6:8.1f} M/s   ratio {sim_rate / counted:.2f}"
           "   (target >= 0.9)")  # fmt: skip
+    figures = [figure(g, "guest compute", sim_rate / 1e6, "M/s", "bare Unicorn, counted",
+                      counted / 1e6, "ratio >= 0.9")]  # fmt: skip
     reason = host.available()
     if reason is None:
         host_rate = guest_compute(host, 500_000)
@@ -221,7 +225,10 @@ def main() -> None:
         host_exits = best(out_exits, host, exits)
         print(f"    host /dev/kvm             {host_exits / 1e3:8.1f} k/s   ratio "
               f"{sim_exits / host_exits:.2f}   (target >= 1.0)")  # fmt: skip
+        figures.append(figure(g, "OUT exits", sim_exits / 1e3, "k/s", "host /dev/kvm",
+                              host_exits / 1e3, "ratio >= 1.0"))  # fmt: skip
     else:
+        figures.append(figure(g, "OUT exits", sim_exits / 1e3, "k/s"))
         print(f"    host /dev/kvm: skipped ({reason})")
     for label, bench, n in (
         ("MMIO write", mmio_exits, 20_000),
@@ -230,15 +237,25 @@ def main() -> None:
         print(f"(b) {label} exits/s through KVM_RUN from Python")
         rate = best(bench, sim, n)
         line = f"    kvmlab {rate / 1e3:8.1f} k/s"
+        ref = None
         if reason is None:
-            host_rate = best(bench, host, n)
+            ref = host_rate = best(bench, host, n)
             line += f"   host {host_rate / 1e3:8.1f} k/s   ratio {rate / host_rate:.2f}"
         print(line)
+        figures.append(figure(g, f"{label} exits", rate / 1e3, "k/s",
+                              "host /dev/kvm" if ref else None, ref and ref / 1e3))  # fmt: skip
     print("(d) kick: median of 20, SIGUSR1 to a vCPU thread spinning in the guest -> EINTR")
-    line = f"    kvmlab {kick_latency(sim) * 1e3:6.2f} ms"
+    kick = kick_latency(sim) * 1e3
+    line = f"    kvmlab {kick:6.2f} ms"
+    host_kick = None
     if reason is None:
-        line += f"   host {kick_latency(host) * 1e3:6.2f} ms"
+        host_kick = kick_latency(host) * 1e3
+        line += f"   host {host_kick:6.2f} ms"
     print(line + "   (target < 50 ms)")
+    host_ref = "host /dev/kvm" if host_kick else None
+    figures.append(
+        figure(g, "kick latency (median)", kick, "ms", host_ref, host_kick, "value < 50")
+    )
     print("(c) the call-path trace: OUT exits/s with tracing off, on, and off again")
     before = best(out_exits, sim, exits)
     with trace.recording():
@@ -248,3 +265,7 @@ def main() -> None:
         f"    off {before / 1e3:8.1f} k/s   on {during / 1e3:8.1f} k/s   off again "
         f"{after / 1e3:8.1f} k/s   ratio off-again/off {after / before:.2f}   (target >= 0.98)"
     )
+    figures.append(figure(g, "OUT exits after a traced run", after / 1e3, "k/s",
+                          "before tracing", before / 1e3, "ratio >= 0.98"))  # fmt: skip
+    figures.append(figure(g, "OUT exits while tracing", during / 1e3, "k/s"))
+    return figures

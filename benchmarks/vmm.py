@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from types import ModuleType
 
+from benchmarks.results import Figure, figure
 from kvmlab import host
 from kvmlab import sys as sim
 from kvmlab.asm import assemble
@@ -89,18 +90,29 @@ def timer_rate(k: ModuleType, seconds: float = 1.0) -> float:
     return (after - before) / seconds
 
 
-def main() -> None:
+def main() -> list[Figure]:
     reason = host.available()
     count = 20_000
     sim_rate = max(serial_rate(sim, count) for _ in range(3))
     print("(a) serial bytes/s, guest OUT -> kvm_cpu_exec -> 16550 model")
     print(f"    kvmlab                    {sim_rate / 1e3:8.1f} k/s")
+    host_rate = None
     if reason is None:
         host_rate = max(serial_rate(host, count) for _ in range(3))
         print(f"    host /dev/kvm             {host_rate / 1e3:8.1f} k/s   ratio "
               f"{sim_rate / host_rate:.2f}")  # fmt: skip
     else:
         print(f"    host /dev/kvm: skipped ({reason})")
+    figures = [
+        figure(
+            "vmm",
+            "serial bytes through kvm_cpu_exec",
+            sim_rate / 1e3,
+            "k/s",
+            "host /dev/kvm" if host_rate else None,
+            host_rate and host_rate / 1e3,
+        )
+    ]
     print(f"(b) timer interrupts/s taken by the guest, PIT at {TIMER_HZ} Hz")
     for name, k in (("kvmlab", sim), ("host /dev/kvm", host)):
         if k is host and reason is not None:
@@ -108,6 +120,12 @@ def main() -> None:
             continue
         rate = timer_rate(k)
         print(f"    {name:<25} {rate:8.0f} /s   ratio to the PIT {rate / TIMER_HZ:.2f}")
+        figures.append(
+            figure(
+                "vmm", f"timer interrupts taken ({name})", rate, "/s", "the PIT's rate", TIMER_HZ
+            )
+        )
+    return figures
 
 
 if __name__ == "__main__":

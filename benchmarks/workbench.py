@@ -13,6 +13,7 @@ import statistics
 import time
 from typing import Any
 
+from benchmarks.results import Figure, figure
 from kvmlab import host
 from kvmlab.asm import assemble
 from kvmlab.vmm import Machine
@@ -83,13 +84,24 @@ def workbench_run(name: str) -> float:
     return elapsed
 
 
-def main() -> None:
+def main() -> list[Figure]:
+    figures = []
     names = ["sim"] + (["host"] if host.available() is None else [])
     print("(a) Step KVM_RUN with every panel refreshed, 4 KiB guest: median of", STEPS)
     for name in names:
         total, outside = step_latency(name)
         print(f"    {name:4}  click {total * 1e3:6.2f} ms   model + widget {outside * 1e3:6.2f} ms"
               "   (target < 30 ms)")  # fmt: skip
+        figures.append(
+            figure(
+                "workbench",
+                f"Step click, model + widget side ({name})",
+                outside * 1e3,
+                "ms",
+                target="value < 30",
+            )
+        )
+        figures.append(figure("workbench", f"Step click, total ({name})", total * 1e3, "ms"))
     print(f"(b) Run mode vs. Machine.run, {EXITS} OUT exits, best of {ROUNDS} (alternated)")
     for name in names:
         plain, wb = float("inf"), float("inf")
@@ -98,6 +110,18 @@ def main() -> None:
             wb = min(wb, workbench_run(name))
         print(f"    {name:4}  Machine.run {plain:6.3f} s   Workbench Run {wb:6.3f} s   slowdown "
               f"{(wb / plain - 1) * 100:5.1f}%   (target <= 10%)")  # fmt: skip
+        figures.append(
+            figure(
+                "workbench",
+                f"Workbench Run time ({name})",
+                wb,
+                "s",
+                "Machine.run",
+                plain,
+                "ratio <= 1.10",
+            )
+        )
+    return figures
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import mmap as _mmap
 import os
+import threading
 from typing import Any
 
 from kvmlab.kernel import fs, signals
@@ -79,20 +80,56 @@ def _ioctl(file: fs.File, request: int, arg: Any, mutate_flag: bool) -> Any:
     if isinstance(arg, int):
         return file.f_op.unlocked_ioctl(file, request, arg & _ULONG)
     view = memoryview(arg).cast("B")
+    if (view.readonly or not mutate_flag) and len(view) > _FCNTL_BUFSZ:
+        raise ValueError("ioctl string arg too long")
+    # fcntl's bounce buffer, or the caller's own buffer when it is larger; either way placed
+    # right before a guard page, so a kernel write past its end is EFAULT, not a corrupt heap
+    size = max(len(view), _FCNTL_BUFSZ)
+    bounce = _guarded(size)
+    ctypes.memmove(bounce, bytes(view), len(view))
+    ctypes.memset(bounce + len(view), 0, size - len(view))
+    try:
+        r = file.f_op.unlocked_ioctl(file, request, bounce)
+    finally:
+        if not view.readonly and mutate_flag:
+            view[:] = ctypes.string_at(bounce, len(view))
     if view.readonly or not mutate_flag:
-        if len(view) > _FCNTL_BUFSZ:
-            raise ValueError("ioctl string arg too long")
-        bounce = ctypes.create_string_buffer(bytes(view), _FCNTL_BUFSZ)
-        file.f_op.unlocked_ioctl(file, request, ctypes.addressof(bounce))
-        return bounce.raw[: len(view)]
-    if len(view) <= _FCNTL_BUFSZ:
-        bounce = ctypes.create_string_buffer(bytes(view), _FCNTL_BUFSZ)
-        try:
-            return file.f_op.unlocked_ioctl(file, request, ctypes.addressof(bounce))
-        finally:
-            view[:] = bounce.raw[: len(view)]
-    target = (ctypes.c_char * len(view)).from_buffer(view)
-    return file.f_op.unlocked_ioctl(file, request, ctypes.addressof(target))
+        return ctypes.string_at(bounce, len(view))
+    return r
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+_libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_bounce = threading.local()
+
+
+class _GuardedBuffer:
+    """Anonymous memory whose last page is PROT_NONE: `end` is the first inaccessible byte."""
+
+    def __init__(self, size: int) -> None:
+        self.length = -(-size // _mmap.PAGESIZE) * _mmap.PAGESIZE + _mmap.PAGESIZE
+        flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS
+        addr = _libc.mmap(None, self.length, _mmap.PROT_READ | _mmap.PROT_WRITE, flags, -1, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise MemoryError("mmap for the ioctl bounce buffer failed")
+        self.addr, self._munmap = addr, _libc.munmap  # still there at interpreter exit
+        self.end = addr + self.length - _mmap.PAGESIZE
+        _libc.mprotect(self.end, _mmap.PAGESIZE, 0)
+
+    def __del__(self) -> None:
+        self._munmap(self.addr, self.length)
+
+
+def _guarded(size: int) -> int:
+    """This thread's bounce buffer: the address of `size` bytes that end at a guard page."""
+    buf: _GuardedBuffer | None = getattr(_bounce, "buf", None)
+    if buf is None or buf.end - buf.addr < size:
+        buf = _bounce.buf = _GuardedBuffer(size)
+    return buf.end - size
 
 
 def mmap(

@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from kvmlab.kernel.memslots import (
     KVM_USER_MEM_SLOTS,
     PAGE_SIZE,
     KvmMemslots,
+    MemoryChange,
     set_memory_region,
 )
 from kvmlab.kernel.trace import note, traced
@@ -375,7 +377,29 @@ def kvm_vm_ioctl_set_memory_region(kvm: Kvm, mem: kvm_userspace_memory_region) -
     if mem.slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
         fail(errno.EINVAL)
     with kvm.slots_lock:  # kvm_set_memory_region
-        set_memory_region(kvm.memslots, mem)
+        change = set_memory_region(kvm.memslots, mem)
+    if change in (MemoryChange.DELETE, MemoryChange.MOVE):
+        kvm_swap_active_memslots(kvm)
+
+
+SYNCHRONIZE_TIMEOUT = 1.0  # seconds; a vCPU always leaves the guest sooner once kicked
+
+
+@traced()
+def kvm_swap_active_memslots(kvm: Kvm) -> None:
+    """After a slot went away or moved: no vCPU may still reach its old memory.
+
+    KVM zaps the slot's mappings and waits out every vCPU inside the guest
+    (synchronize_srcu), so the program may unmap the memory as soon as the ioctl returns.
+    Here each vCPU is kicked (it re-enters with the new slots) and waited for.
+    """
+    vcpus = list(kvm.vcpu_array)
+    for vcpu in vcpus:
+        vcpu.arch.hw.kick()  # stays requested: one not in the guest yet re-checks at entry
+    deadline = time.monotonic() + SYNCHRONIZE_TIMEOUT
+    for vcpu in vcpus:
+        while vcpu.arch.hw.running and time.monotonic() < deadline:
+            time.sleep(0.0001)
 
 
 @traced(args=lambda kvm, id_: {"id": id_})

@@ -141,3 +141,31 @@ def user_range_access(addr: int, size: int) -> str | None:
             if cursor >= end:
                 return "rw" if writable else "r"
     return None
+
+
+def user_range_pieces(addr: int, size: int) -> list[tuple[int, int, str | None]]:
+    """[addr, addr+size) as (offset, length, perms) runs, one per mapping, from /proc/self/maps.
+
+    perms is the mapping's `rwxs`/`rwxp` field, or None for a hole. A slot whose memory the
+    program partly unmapped (munmap, a shrinking mremap) keeps the rest in the guest's view.
+    """
+    end = addr + size
+    pieces: list[tuple[int, int, str | None]] = []
+    cursor = addr
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            m = _MAPS_LINE.match(line)
+            if m is None:
+                continue
+            lo, hi = max(int(m[1], 16), cursor), min(int(m[2], 16), end)
+            if hi <= cursor:
+                continue
+            if lo >= end:
+                break
+            if lo > cursor:
+                pieces.append((cursor - addr, lo - cursor, None))
+            pieces.append((lo - addr, hi - lo, m[3]))
+            cursor = hi
+    if cursor < end:
+        pieces.append((cursor - addr, end - cursor, None))
+    return pieces

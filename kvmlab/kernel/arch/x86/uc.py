@@ -17,6 +17,7 @@ import ctypes
 import functools
 import mmap
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -78,7 +79,7 @@ from kvmlab.kernel.arch.x86.uc_events import (
 )
 from kvmlab.kernel.memslots import PAGE_SIZE, KvmMemslots
 from kvmlab.kernel.trace import traced
-from kvmlab.kernel.uaccess import copy_from_user, user_range_access
+from kvmlab.kernel.uaccess import copy_from_user, user_range_pieces
 
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h), reused as the engine's exit codes.
 EXIT_REASON_EXCEPTION_NMI = 0
@@ -131,6 +132,31 @@ _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
 _msync = _libc.msync
 _msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MS_ASYNC = 1
+_mremap = _libc.mremap
+_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+_mremap.restype = ctypes.c_void_p
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MREMAP_MAYMOVE = 1
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def alias_shared_pages(hva: int, size: int) -> int | None:
+    """A second mapping of the shared pages at `hva` (mremap with old_size 0), or None.
+
+    Unicorn dereferences guest memory directly. Through an alias of its own, the program's
+    munmap of the memory behind a slot while a vCPU is in the guest cannot pull the pages
+    from under the engine (the guest keeps them until it next leaves, then sees them gone);
+    the pages are the same, nothing is copied. Private memory cannot be aliased.
+    """
+    addr = _mremap(hva, 0, size, MREMAP_MAYMOVE)
+    return None if addr in (None, MAP_FAILED) else int(addr)
+
+
+def _unmap_views(views: dict[tuple[int, int], tuple[int, int]]) -> None:
+    for addr, size in views.values():
+        _munmap(addr, size)
+    views.clear()
 
 
 def engine_address(uc: Uc) -> int:
@@ -255,6 +281,7 @@ class MappedSlot:
     hva: int
     perms: int
     logged: bool  # dirty logging: write-protected until each page's first store
+    shared: bool  # a MAP_SHARED mapping: Unicorn gets an alias of the pages
 
 
 class UcVcpu:
@@ -276,7 +303,10 @@ class UcVcpu:
         self.kick_requested = False
         self._lock = threading.Lock()
         self.running = False
-        self.mapped: dict[int, MappedSlot] = {}
+        self.kickable = True  # may a kick cut the current run short?
+        self.mapped: dict[tuple[int, int], MappedSlot] = {}  # (slot id, offset): a piece
+        self.views: dict[tuple[int, int], tuple[int, int]] = {}  # piece -> its alias (addr, size)
+        weakref.finalize(self, _unmap_views, self.views)
         self.unbacked: list[tuple[int, int]] = []  # guest ranges whose host memory is missing
         self.generation = -1
         self.code_pages: dict[int, tuple[int, bytes]] = {}  # gpa page -> (hva, bytes translated)
@@ -332,23 +362,26 @@ class UcVcpu:
         self._hooks.clear()
         self.mapped.clear()
         self.code_pages.clear()
+        _unmap_views(self.views)  # the engine never runs again
 
     # --- memory -------------------------------------------------------------------------------
 
     def load_memslots(self, slots: KvmMemslots) -> None:
         """Make Unicorn's physical memory match the VM's slots (only what changed is remapped)."""
-        wanted: dict[int, MappedSlot] = {}
+        wanted: dict[tuple[int, int], MappedSlot] = {}
         unbacked = []
         for slot in slots:
-            access = user_range_access(slot.userspace_addr, slot.size)
-            if access is None:
-                unbacked.append((slot.gpa, slot.size))  # KVM faults it in lazily: EFAULT on use
-                continue
-            perms = UC_PROT_READ | UC_PROT_EXEC
-            if access == "rw" and not slot.readonly:
-                perms |= UC_PROT_WRITE
             logged = slot.dirty_bitmap is not None
-            wanted[slot.id] = MappedSlot(slot.gpa, slot.size, slot.userspace_addr, perms, logged)
+            for offset, size, access in user_range_pieces(slot.userspace_addr, slot.size):
+                gpa = slot.gpa + offset
+                if access is None or access[0] != "r":
+                    unbacked.append((gpa, size))  # KVM faults it in lazily: EFAULT on use
+                    continue
+                perms = UC_PROT_READ | UC_PROT_EXEC
+                if access[1] == "w" and not slot.readonly:
+                    perms |= UC_PROT_WRITE
+                hva, shared = slot.userspace_addr + offset, access[3] == "s"
+                wanted[slot.id, offset] = MappedSlot(gpa, size, hva, perms, logged, shared)
         self.slots = slots
         with self._paging_off():
             self._unmap_mmio_pages()
@@ -356,13 +389,19 @@ class UcVcpu:
                 if wanted.get(id_) != old:
                     self.uc.mem_unmap(old.gpa, old.size)
                     del self.mapped[id_]
+                    view = self.views.pop(id_, None)
+                    if view is not None:
+                        _munmap(*view)
             for id_, new in wanted.items():
                 if id_ not in self.mapped:
-                    self.uc.mem_map_ptr(new.gpa, new.size, new.perms, new.hva)
+                    alias = alias_shared_pages(new.hva, new.size) if new.shared else None
+                    self.uc.mem_map_ptr(new.gpa, new.size, new.perms, alias or new.hva)
                     self.mapped[id_] = new
-            for slot in slots:  # dirty logging: write-protect, and note a page's first write
-                if slot.dirty_bitmap is not None and slot.id in self.mapped:
-                    self.uc.mem_protect(slot.gpa, slot.size, UC_PROT_READ | UC_PROT_EXEC)
+                    if alias is not None:
+                        self.views[id_] = (alias, new.size)
+            for m in self.mapped.values():  # dirty logging: write-protect, note first writes
+                if m.logged:
+                    self.uc.mem_protect(m.gpa, m.size, UC_PROT_READ | UC_PROT_EXEC)
         self.unbacked = unbacked
         self.generation = slots.generation
         self.code_pages.clear()
@@ -399,9 +438,11 @@ class UcVcpu:
         self.mmio_pages.clear()
 
     def gpa_to_hva(self, gpa: int) -> int | None:
-        for m in self.mapped.values():
+        """Where the engine sees guest page `gpa` (the alias, if any: it is always mapped)."""
+        for key, m in self.mapped.items():
             if m.gpa <= gpa < m.gpa + m.size:
-                return m.hva + gpa - m.gpa
+                view = self.views.get(key)
+                return (view[0] if view else m.hva) + gpa - m.gpa
         return None
 
     def remember_code_page(self, gpa: int) -> None:
@@ -582,7 +623,7 @@ class UcVcpu:
         """
         with self._lock:
             self.kick_requested = True
-            if self.running:
+            if self.running and self.kickable:  # else served once that instruction is done
                 ctypes.c_uint64.from_address(self._h + emu_count_offset()).value = 0
 
     def inject(self, event: Event) -> int | None:
@@ -625,7 +666,8 @@ class UcVcpu:
                     self.rip, self.rflags = rip, self.cpu.read_reg(UC_X86_REG_RFLAGS)
                     return self._set_reason(EXIT_REASON_INTERRUPT_WINDOW)
             counted = self.replaying or step or irq_window
-            reason = self._enter(rip, 1 if counted else RUN_FOREVER)
+            # a replayed MMIO read finishes its instruction before a kick is served
+            reason = self._enter(rip, 1 if counted else RUN_FOREVER, not self.replaying)
             if reason == EXIT_REASON_RETRY:
                 rip = self.rip
                 continue
@@ -654,7 +696,7 @@ class UcVcpu:
                 rip = self.mmio_insn_rip = self.rip  # the store's instruction
                 while True:
                     self._writes = list(writes)
-                    again = self._enter(rip, 1)
+                    again = self._enter(rip, 1, kickable=False)
                     if again != EXIT_REASON_EPT_MISCONFIG or not self.mmio.is_write:
                         break
                     writes.append(self.mmio)
@@ -695,7 +737,7 @@ class UcVcpu:
         saved = ctypes.string_at(hva, PAGE_SIZE)
         self.uc.mem_protect(page, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
         try:
-            reason = self._enter(rip, 1)
+            reason = self._enter(rip, 1, kickable=False)
         finally:
             ctypes.memmove(hva, saved, PAGE_SIZE)
             self.uc.mem_protect(page, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
@@ -768,14 +810,20 @@ class UcVcpu:
         self._reads.clear()
         self._writes.clear()
 
-    def _enter(self, rip: int, count: int) -> int:
-        """One emu_start: from `rip`, for at most `count` instructions."""
+    def _enter(self, rip: int, count: int, kickable: bool = True) -> int:
+        """One emu_start: from `rip`, for at most `count` instructions.
+
+        A kick stays requested until a run ends because of it (or in HLT, which serves it): a
+        run that ends in an exception, a fault or a replay instead leaves it for the next
+        `kickable` entry, so a guest that faults again and again can still be kicked out.
+        Entries that finish an instruction already begun (`kickable=False`) run regardless.
+        """
         with self._lock:
-            if self.kick_requested:
+            if self.kick_requested and kickable:
                 self.kick_requested = False
                 self.rip = rip
                 return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT)
-            self.running = True
+            self.running, self.kickable = True, kickable
         self._exit_pending = False
         self._read_idx = self._write_idx = 0
         uc = self.uc
@@ -784,7 +832,7 @@ class UcVcpu:
         finally:
             with self._lock:
                 self.running = False
-                kicked, self.kick_requested = self.kick_requested, False
+                kicked = self.kick_requested
         if uc._hook_exception is not None:  # a hook raised: a kvmlab bug, not the guest's
             exc, uc._hook_exception = uc._hook_exception, None
             raise exc
@@ -807,8 +855,11 @@ class UcVcpu:
             return self.exit_reason
         # emu_start returned by itself: a kick, the end of a counted run, or HLT. A kick that
         # lands as HLT runs must not hide it: KVM reports the HLT; the kick is served by it.
-        if kicked and not self._halted():
-            return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT)
+        if kicked:
+            with self._lock:
+                self.kick_requested = False
+            if not self._halted():
+                return self._set_reason(EXIT_REASON_EXTERNAL_INTERRUPT)
         if self.rflags & X86_RFLAGS_RF:  # an instruction retired: the CPU clears RF (QEMU does not)
             self.rflags &= ~X86_RFLAGS_RF
             self.cpu.write_reg(UC_X86_REG_RFLAGS, self.rflags)

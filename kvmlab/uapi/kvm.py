@@ -7,7 +7,7 @@ offset against the host's headers with gcc. Architecture structs live in `x86.py
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import c_char, c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Any
 
 from kvmlab.uapi.ioctl import _IO, _IOR, _IOW, _IOWR
@@ -109,6 +109,7 @@ KVM_CAP_DESTROY_MEMORY_REGION_WORKS = 21
 KVM_CAP_USER_NMI = 22
 KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_IRQ_ROUTING = 25
+KVM_CAP_IRQ_INJECT_STATUS = 26
 KVM_CAP_JOIN_MEMORY_REGIONS_WORKS = 30
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
@@ -184,10 +185,52 @@ class kvm_reg_list(ctypes.Structure):  # noqa: N801
     _fields_ = [("n", c_uint64)]
 
 
-class kvm_irq_level(ctypes.Structure):  # noqa: N801
-    """KVM_IRQ_LINE: an interrupt line (its encoding is the arch's) and its new level."""
+class _IrqOrStatus(ctypes.Union):
+    _fields_ = [("irq", c_uint32), ("status", c_int32)]
 
-    _fields_ = [("irq", c_uint32), ("level", c_uint32)]
+
+class kvm_irq_level(ctypes.Structure):  # noqa: N801
+    """KVM_IRQ_LINE: an interrupt line (its encoding is the arch's) and its new level.
+
+    KVM_IRQ_LINE_STATUS writes back `status` over `irq`: >0 delivered, 0 coalesced (the line
+    was already pending), -1 masked or no target.
+    """
+
+    _anonymous_ = ("u",)
+    _fields_ = [("u", _IrqOrStatus), ("level", c_uint32)]
+
+
+class kvm_irqfd(ctypes.Structure):  # noqa: N801
+    """KVM_IRQFD: an eventfd whose signal raises `gsi` (DEASSIGN removes it)."""
+
+    _fields_ = [
+        ("fd", c_uint32),
+        ("gsi", c_uint32),
+        ("flags", c_uint32),
+        ("resamplefd", c_uint32),
+        ("pad", c_uint8 * 16),
+    ]
+
+
+class kvm_ioeventfd(ctypes.Structure):  # noqa: N801
+    """KVM_IOEVENTFD: a guest write to `addr` (a port with FLAG_PIO) signals eventfd `fd`."""
+
+    _fields_ = [
+        ("datamatch", c_uint64),
+        ("addr", c_uint64),
+        ("len", c_uint32),
+        ("fd", c_int32),
+        ("flags", c_uint32),
+        ("pad", c_uint8 * 36),
+    ]
+
+
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+KVM_IOEVENTFD_VALID_FLAG_MASK = (1 << 5) - 1
 
 
 class kvm_run_io(ctypes.Structure):  # noqa: N801
@@ -318,6 +361,9 @@ KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, ctypes.sizeof(c_uint64))
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, ctypes.sizeof(kvm_irq_level))
+KVM_IRQ_LINE_STATUS = _IOWR(KVMIO, 0x67, ctypes.sizeof(kvm_irq_level))
+KVM_IRQFD = _IOW(KVMIO, 0x76, ctypes.sizeof(kvm_irqfd))
+KVM_IOEVENTFD = _IOW(KVMIO, 0x79, ctypes.sizeof(kvm_ioeventfd))
 
 # --- ioctls on a vCPU fd ------------------------------------------------------------------------
 KVM_RUN = _IO(KVMIO, 0x80)

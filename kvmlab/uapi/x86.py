@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Any
 
 from kvmlab.uapi.ioctl import _IOR, _IOW, _IOWR
@@ -278,6 +278,85 @@ KVM_GET_FPU = _IOR(KVMIO, 0x8C, ctypes.sizeof(kvm_fpu))
 KVM_SET_FPU = _IOW(KVMIO, 0x8D, ctypes.sizeof(kvm_fpu))
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, ctypes.sizeof(kvm_cpuid2))
 KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, ctypes.sizeof(kvm_cpuid2))
+
+KVM_NR_IRQCHIPS = 3
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class kvm_pic_state(ctypes.Structure):  # noqa: N801
+    """One in-kernel 8259's registers (KVM_GET/SET_IRQCHIP, chip 0 master, 1 slave)."""
+
+    _fields_ = [
+        (name, c_uint8)
+        for name in (
+            "last_irr",
+            "irr",
+            "imr",
+            "isr",
+            "priority_add",
+            "irq_base",
+            "read_reg_select",
+            "poll",
+            "special_mask",
+            "init_state",
+            "auto_eoi",
+            "rotate_on_auto_eoi",
+            "special_fully_nested_mode",
+            "init4",
+            "elcr",
+            "elcr_mask",
+        )
+    ]
+
+
+class _RedirFields(ctypes.Structure):
+    _fields_ = [
+        ("vector", c_uint8),
+        ("delivery_mode", c_uint8, 3),
+        ("dest_mode", c_uint8, 1),
+        ("delivery_status", c_uint8, 1),
+        ("polarity", c_uint8, 1),
+        ("remote_irr", c_uint8, 1),
+        ("trig_mode", c_uint8, 1),
+        ("mask", c_uint8, 1),
+        ("reserve", c_uint8, 7),
+        ("reserved", c_uint8 * 4),
+        ("dest_id", c_uint8),
+    ]
+
+
+class _RedirEntry(ctypes.Union):
+    _fields_ = [("bits", c_uint64), ("fields", _RedirFields)]
+
+
+class kvm_ioapic_state(ctypes.Structure):  # noqa: N801
+    """The in-kernel IOAPIC (KVM_GET/SET_IRQCHIP, chip 2): 24 redirection entries."""
+
+    _fields_ = [
+        ("base_address", c_uint64),
+        ("ioregsel", c_uint32),
+        ("id", c_uint32),
+        ("irr", c_uint32),
+        ("pad", c_uint32),
+        ("redirtbl", _RedirEntry * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class _IrqchipUnion(ctypes.Union):
+    _fields_ = [("dummy", c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(ctypes.Structure):  # noqa: N801
+    """KVM_GET_IRQCHIP / KVM_SET_IRQCHIP: one chip's state, chosen by chip_id."""
+
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _IrqchipUnion)]
+
+
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, ctypes.sizeof(kvm_irqchip))
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, ctypes.sizeof(kvm_irqchip))
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic: the kernel's spelling)
 

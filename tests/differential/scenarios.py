@@ -13,6 +13,7 @@ from . import (  # noqa: F401 (imported for their @scenario registrations)
     scenarios_guests,
     scenarios_ioctl,
     scenarios_irq,
+    scenarios_irqchip,
     scenarios_memslot,
     scenarios_mmio,
     scenarios_more,

@@ -185,8 +185,8 @@ class _Walker:
         anonymous = set(getattr(pytype, "_anonymous_", ()))
         for spec in pytype._fields_:  # type: ignore[attr-defined]
             name, ftype = spec[0], spec[1]
-            if len(spec) > 2:  # a bitfield: C has no offsetof for it
-                self.plan.skipped_fields.append(f"{label}.{name}")
+            if len(spec) > 2:  # a bitfield: C has no offsetof; its bits are found instead
+                self._bitfield(group, pytype, name, ctype, _join(cpath, name), base, label, offset)
                 continue
             field_offset = offset + getattr(pytype, name).offset
             if name in anonymous:
@@ -202,6 +202,40 @@ class _Walker:
                 label=f"{label}.{name}",
                 py_offset=field_offset,
             )
+
+    def _bitfield(
+        self,
+        group: str,
+        pytype: type,
+        name: str,
+        ctype: str,
+        cpath: str,
+        base: str,
+        label: str,
+        offset: int,
+    ) -> None:
+        """A bitfield's first bit and width, relative to `base`, found by setting it in C."""
+        field_ = getattr(pytype, name)
+        bit_offset, width = field_.size & 0xFFFF, field_.size >> 16
+        first_bit = (offset + field_.offset) * 8 + bit_offset
+        base_bits = f"offsetof({ctype}, {base}) * 8" if base else "0"
+        add = self.plan.checks.append
+        add(Check(group, f"first_bit({label}.{name})", first_bit, _c_bits(ctype, cpath, base_bits)))
+        add(Check(group, f"width({label}.{name})", width, _c_bits(ctype, cpath, None)))
+
+
+def _c_bits(ctype: str, cpath: str, base_bits: str | None) -> str:
+    """C for the bits `cpath` covers: its first bit minus `base_bits`, or (None) its width."""
+    body = (
+        f"union {{ {ctype} s; unsigned char b[sizeof({ctype})]; }} u_;"
+        " __builtin_memset(&u_, 0, sizeof u_);"
+        f" u_.s.{cpath} = -1;"
+        " unsigned long long i_ = 0, n_ = 0, first_ = ~0ULL;"
+        " for (; i_ < sizeof u_ * 8; i_++)"
+        " if ((u_.b[i_ / 8] >> (i_ % 8)) & 1) { n_++; if (first_ == ~0ULL) first_ = i_; }"
+    )
+    result = "n_" if base_bits is None else f"first_ - {base_bits}"
+    return f"({{ {body} {result}; }})"
 
 
 def plan_checks(

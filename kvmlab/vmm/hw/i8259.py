@@ -7,6 +7,9 @@ the line from IRR to ISR and returns the vector: the chip's base from ICW2 plus 
 guest programs the chips through ports 0x20/0x21 (master) and 0xa0/0xa1 (slave): the ICW1-4
 initialisation sequence, OCW1 (mask), OCW2 (EOI, rotation) and OCW3 (which register a read
 returns, poll, special mask). ELCR (0x4d0/0x4d1) makes a line level-triggered.
+
+The chip's core is shared with the simulated kernel's in-kernel PIC (`kvmlab.hw.i8259`); what
+is QEMU's own lives here: ICW1's reset, the poll read, the special mask mode, the wiring.
 https://gitlab.com/qemu-project/qemu/-/blob/master/hw/intc/i8259.c
 """
 
@@ -14,34 +17,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kvmlab.hw.i8259 import ICW1_IC4, ICW1_SNGL, PIC_CASCADE_IRQ, PicChipCore, get_priority
 from kvmlab.vmm.memory import Device
 
+__all__ = ["I8259", "PIC_ELCR_IOBASE", "PIC_MASTER_IOBASE", "PIC_SLAVE_IOBASE", "get_priority"]
+
 PIC_MASTER_IOBASE, PIC_SLAVE_IOBASE, PIC_ELCR_IOBASE = 0x20, 0xA0, 0x4D0
-PIC_CASCADE_IRQ = 2  # the master's line the slave's INT drives
-ICW1, ICW1_IC4, ICW1_SNGL = 0x10, 0x01, 0x02
-OCW3, OCW3_POLL, OCW3_RR, OCW3_RIS, OCW3_ESMM, OCW3_SMM = 0x08, 0x04, 0x02, 0x01, 0x40, 0x20
-ELCR_MASK = (0xF8, 0xDE)  # lines that may be level-triggered: not 0, 1, 2 (master), 8, 13
 
 
-def get_priority(pending: int, priority_add: int) -> int:
-    """How far (0 best .. 7) the best line in `pending` is from the top priority; 8 if none."""
-    if not pending:
-        return 8
-    priority = 0
-    while not pending & (1 << ((priority + priority_add) & 7)):
-        priority += 1
-    return priority
-
-
-class PicChip(Device):
+class PicChip(PicChipCore, Device):
     """One 8259A: its registers, its initialisation state machine and its INT output."""
 
+    SPECIAL_MASK_HIDES_ISR = True
+
     def __init__(self, name: str, master: bool, on_int: Callable[[bool], None]) -> None:
+        super().__init__(master)
         self.name = name
-        self.master = master
         self.on_int = on_int  # the INT output pin changed
-        self.elcr = 0  # edge/level control (from the ELCR ports, kept across ICW1)
-        self.elcr_mask = ELCR_MASK[0 if master else 1]
         self.int_out = False
         self.reset()
 
@@ -59,40 +51,23 @@ class PicChip(Device):
         self.irq_base = 0
         self.read_reg_select = False  # OCW3 RR/RIS: a read of port 0 gives ISR, else IRR
         self.poll = self.special_mask = False
-        self.init_state = 0  # 0: operational; 1, 2, 3: expecting ICW2, ICW3, ICW4
+        self.init_state = 0
         self.init4 = self.single_mode = False
         self.auto_eoi = self.rotate_on_auto_eoi = self.special_fully_nested_mode = False
         self.update_irq()
+
+    def icw1(self, value: int) -> None:
+        self._init_reset()
+        self.init_state = 1
+        self.init4 = bool(value & ICW1_IC4)
+        self.single_mode = bool(value & ICW1_SNGL)
 
     # --- inputs and the INT output ----------------------------------------------------------
 
     def set_irq(self, line: int, level: bool) -> None:
         """Input `line` (0-7) changed: an edge (or, with ELCR, a level) becomes a request."""
-        mask = 1 << line
-        if self.elcr & mask:
-            self.irr = self.irr | mask if level else self.irr & ~mask
-            self.last_irr = self.last_irr | mask if level else self.last_irr & ~mask
-        elif level:
-            if not self.last_irr & mask:
-                self.irr |= mask
-            self.last_irr |= mask
-        else:
-            self.last_irr &= ~mask
+        self.set_irq1(line, level)
         self.update_irq()
-
-    def get_irq(self) -> int:
-        """The line this chip would deliver now, or -1 (masked, or outranked by ISR)."""
-        priority = get_priority(self.irr & ~self.imr, self.priority_add)
-        if priority == 8:
-            return -1
-        in_service = self.isr
-        if self.special_mask:
-            in_service &= ~self.imr
-        if self.special_fully_nested_mode and self.master:
-            in_service &= ~(1 << PIC_CASCADE_IRQ)
-        if priority < get_priority(in_service, self.priority_add):
-            return (priority + self.priority_add) & 7
-        return -1
 
     def update_irq(self) -> None:
         """Drive INT from get_irq(); only a change is passed on."""
@@ -102,84 +77,24 @@ class PicChip(Device):
             self.on_int(level)
 
     def intack(self, line: int) -> None:
-        """The CPU took `line`: in service (unless auto-EOI); an edge request is consumed."""
-        if self.auto_eoi:
-            if self.rotate_on_auto_eoi:
-                self.priority_add = (line + 1) & 7
-        else:
-            self.isr |= 1 << line
-        if not self.elcr & (1 << line):
-            self.irr &= ~(1 << line)
+        super().intack(line)
         self.update_irq()
 
     # --- the ports ------------------------------------------------------------------------
 
     def write(self, offset: int, size: int, value: int) -> None:
-        value &= 0xFF
-        if offset == 0:
-            if value & ICW1:
-                self._init_reset()
-                self.init_state = 1
-                self.init4 = bool(value & ICW1_IC4)
-                self.single_mode = bool(value & ICW1_SNGL)
-            elif value & OCW3:
-                if value & OCW3_POLL:
-                    self.poll = True
-                if value & OCW3_RR:
-                    self.read_reg_select = bool(value & OCW3_RIS)
-                if value & OCW3_ESMM:
-                    self.special_mask = bool(value & OCW3_SMM)
-            else:
-                self._ocw2(value)
-        elif self.init_state == 0:  # OCW1
-            self.imr = value
-            self.update_irq()
-        elif self.init_state == 1:  # ICW2: the vector base (its low three bits are the line)
-            self.irq_base = value & 0xF8
-            self.init_state = (3 if self.init4 else 0) if self.single_mode else 2
-        elif self.init_state == 2:  # ICW3: the cascade wiring, fixed on a PC
-            self.init_state = 3 if self.init4 else 0
-        else:  # ICW4
-            self.special_fully_nested_mode = bool(value & 0x10)
-            self.auto_eoi = bool(value & 0x02)
-            self.init_state = 0
-
-    def _ocw2(self, value: int) -> None:
-        """OCW2: the EOI and rotation commands (bits 7-5), with a line in bits 2-0."""
-        command = value >> 5
-        if command in (0, 4):  # clear / set rotate in auto-EOI mode
-            self.rotate_on_auto_eoi = bool(command >> 2)
-        elif command in (1, 5):  # non-specific EOI (and rotate)
-            priority = get_priority(self.isr, self.priority_add)
-            if priority != 8:
-                line = (priority + self.priority_add) & 7
-                self.isr &= ~(1 << line)
-                if command == 5:
-                    self.priority_add = (line + 1) & 7
-                self.update_irq()
-        elif command == 3:  # specific EOI
-            self.isr &= ~(1 << (value & 7))
-            self.update_irq()
-        elif command == 6:  # set priority: the named line becomes the lowest
-            self.priority_add = (value + 1) & 7
-            self.update_irq()
-        elif command == 7:  # rotate on specific EOI
-            line = value & 7
-            self.isr &= ~(1 << line)
-            self.priority_add = (line + 1) & 7
-            self.update_irq()
+        self.ioport_write(offset, value)
 
     def read(self, offset: int, size: int) -> int:
-        if self.poll:  # a poll read acknowledges like INTA, without a vector
-            self.poll = False
-            line = self.get_irq()
-            if line < 0:
-                return 0
-            self.intack(line)
-            return line | 0x80
-        if offset == 0:
-            return self.isr if self.read_reg_select else self.irr
-        return self.imr
+        return self.ioport_read(offset)
+
+    def poll_read(self) -> int:
+        """A poll read acknowledges like INTA, without a vector; nothing pending reads 0."""
+        line = self.get_irq()
+        if line < 0:
+            return 0
+        self.intack(line)
+        return line | 0x80
 
 
 class Elcr(Device):

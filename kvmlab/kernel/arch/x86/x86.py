@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RFLAGS
 
 from kvmlab.kernel.arch.x86 import cpuid as cpuid_mod
+from kvmlab.kernel.arch.x86 import irq as x86_irq
 from kvmlab.kernel.arch.x86 import uc as vendor
 from kvmlab.kernel.arch.x86.cpu_state import context_layout, svm_layout
 from kvmlab.kernel.arch.x86.cpuid import GuestCpuid, kvm_cpuid, kvm_update_cpuid_runtime
@@ -49,6 +51,8 @@ from kvmlab.uapi import (
     KVM_CAP_EXT_CPUID,
     KVM_CAP_GET_TSC_KHZ,
     KVM_CAP_HLT,
+    KVM_CAP_IRQ_INJECT_STATUS,
+    KVM_CAP_IRQCHIP,
     KVM_CAP_MAX_VCPU_ID,
     KVM_CAP_MAX_VCPUS,
     KVM_CAP_MP_STATE,
@@ -61,6 +65,7 @@ from kvmlab.uapi import (
     KVM_CAP_SYNC_REGS,
     KVM_CAP_USER_NMI,
     KVM_CAP_VCPU_EVENTS,
+    KVM_CREATE_IRQCHIP,
     KVM_EXIT_DEBUG,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
@@ -72,6 +77,7 @@ from kvmlab.uapi import (
     KVM_EXIT_UNKNOWN,
     KVM_GET_CPUID2,
     KVM_GET_FPU,
+    KVM_GET_IRQCHIP,
     KVM_GET_MSR_INDEX_LIST,
     KVM_GET_MSRS,
     KVM_GET_REGS,
@@ -88,7 +94,14 @@ from kvmlab.uapi import (
     KVM_INTERNAL_ERROR_DELIVERY_EV,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERRUPT,
+    KVM_IRQ_LINE,
+    KVM_IRQ_LINE_STATUS,
+    KVM_MP_STATE_AP_RESET_HOLD,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED,
     KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED,
     KVM_NMI,
     KVM_NR_INTERRUPTS,
     KVM_PIO_PAGE_OFFSET,
@@ -96,6 +109,8 @@ from kvmlab.uapi import (
     KVM_SET_FPU,
     KVM_SET_GUEST_DEBUG,
     KVM_SET_IDENTITY_MAP_ADDR,
+    KVM_SET_IRQCHIP,
+    KVM_SET_MP_STATE,
     KVM_SET_MSRS,
     KVM_SET_REGS,
     KVM_SET_SREGS,
@@ -132,6 +147,7 @@ from kvmlab.uapi import (
     kvm_fpu,
     kvm_guest_debug,
     kvm_interrupt,
+    kvm_mp_state,
     kvm_regs,
     kvm_run,
     kvm_sregs,
@@ -205,6 +221,8 @@ class KvmVcpuArch:
     pio_size: int = 0
     pio_next_rip: int = 0
     rep_prefixes: bytes = b""
+    sipi_pending: bool = False  # KVM_APIC_SIPI in apic->pending_events
+    halt_wait: threading.Condition = field(default_factory=threading.Condition)
 
     def guest_has_rdtscp(self) -> bool:
         found = self.cpuid.find(0x8000_0001, 0)
@@ -250,6 +268,7 @@ class KvmArchVm:
     tss_addr: int = 0
     ept_identity_map_addr: int = VMX_IDENTITY_MAP_DEFAULT
     default_tsc_khz: int = 0
+    irqchip: x86_irq.KvmIrqchip | None = None  # vpic, vioapic, routing (KVM_CREATE_IRQCHIP)
 
 
 def kvm_rip_read(vcpu: KvmVcpu) -> int:
@@ -301,7 +320,7 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
         return 1
     if cap in (KVM_CAP_EXT_CPUID, KVM_CAP_VCPU_EVENTS, KVM_CAP_SET_IDENTITY_MAP_ADDR):
         return 1
-    if cap == KVM_CAP_GET_TSC_KHZ:
+    if cap in (KVM_CAP_GET_TSC_KHZ, KVM_CAP_IRQCHIP, KVM_CAP_IRQ_INJECT_STATUS):
         return 1
     if cap == KVM_CAP_SYNC_REGS:
         return KVM_SYNC_X86_VALID_FIELDS
@@ -324,6 +343,14 @@ def kvm_arch_dev_ioctl(cmd: int, arg: int) -> int:
 
 
 def kvm_arch_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
+    if cmd == KVM_CREATE_IRQCHIP:
+        return x86_irq.kvm_vm_ioctl_create_irqchip(kvm)
+    if cmd in (KVM_IRQ_LINE, KVM_IRQ_LINE_STATUS):
+        return x86_irq.kvm_vm_ioctl_irq_line(kvm, arg, cmd == KVM_IRQ_LINE_STATUS)
+    if cmd == KVM_GET_IRQCHIP:
+        return x86_irq.kvm_vm_ioctl_get_irqchip(kvm, arg)
+    if cmd == KVM_SET_IRQCHIP:
+        return x86_irq.kvm_vm_ioctl_set_irqchip(kvm, arg)
     if cmd == KVM_SET_TSS_ADDR:
         return kvm_vm_ioctl_set_tss_addr(kvm, arg)
     if cmd == KVM_SET_IDENTITY_MAP_ADDR:
@@ -454,6 +481,9 @@ def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
     if cmd == KVM_INTERRUPT:
         kvm_vcpu_ioctl_interrupt(vcpu, copy_struct_from_user(kvm_interrupt, arg))
         return 0
+    if cmd == KVM_SET_MP_STATE:
+        kvm_arch_vcpu_ioctl_set_mpstate(vcpu, copy_struct_from_user(kvm_mp_state, arg))
+        return 0
     if cmd == KVM_NMI:  # kvm_inject_nmi, then process_nmi's limit
         arch = vcpu.arch
         arch.nmi_pending = min(arch.nmi_pending + 1, 1 if arch.nmi_masked else 2)
@@ -566,6 +596,8 @@ def kvm_vcpu_ioctl_interrupt(vcpu: KvmVcpu, irq: kvm_interrupt) -> None:
     """Queue an external interrupt vector; without an in-kernel PIC a second one overwrites."""
     if irq.irq >= KVM_NR_INTERRUPTS:
         fail(errno.EINVAL)
+    if x86_irq.pic_in_kernel(vcpu.kvm):  # the PIC in the kernel is the only source
+        fail(errno.ENXIO)
     vcpu.arch.interrupt = irq.irq
 
 
@@ -687,7 +719,59 @@ def vmx_fixup_segment(seg: Any, name: str) -> None:
 
 
 def kvm_arch_vcpu_ioctl_get_mpstate(vcpu: KvmVcpu) -> int:
+    kvm_apic_accept_events(vcpu)
     return vcpu.arch.mp_state
+
+
+MP_STATES_NEEDING_LAPIC = (
+    KVM_MP_STATE_UNINITIALIZED,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_AP_RESET_HOLD,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_SIPI_RECEIVED,
+)
+
+
+@traced(args=lambda vcpu, mp: {"mp_state": mp.mp_state})
+def kvm_arch_vcpu_ioctl_set_mpstate(vcpu: KvmVcpu, mp: kvm_mp_state) -> None:
+    """Only RUNNABLE without an in-kernel APIC; with one, also the halted and INIT/SIPI
+    states (SIPI_RECEIVED is kept as INIT_RECEIVED with a SIPI pending)."""
+    state = mp.mp_state
+    if state in MP_STATES_NEEDING_LAPIC:
+        if not x86_irq.lapic_in_kernel(vcpu):
+            fail(errno.EINVAL)
+    elif state != KVM_MP_STATE_RUNNABLE:
+        fail(errno.EINVAL)
+    arch = vcpu.arch
+    if state == KVM_MP_STATE_SIPI_RECEIVED:
+        arch.mp_state, arch.sipi_pending = KVM_MP_STATE_INIT_RECEIVED, True
+    else:
+        arch.mp_state = state
+
+
+@traced()
+def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
+    """A SIPI to a vCPU waiting for one: it starts in real mode at the SIPI vector (0 here:
+    no APIC sends one yet, so only KVM_SET_MP_STATE's SIPI_RECEIVED gets this far)."""
+    arch = vcpu.arch
+    if not arch.sipi_pending:
+        return
+    arch.sipi_pending = False
+    if arch.mp_state == KVM_MP_STATE_INIT_RECEIVED:
+        kvm_vcpu_deliver_sipi_vector(vcpu, 0)
+        arch.mp_state = KVM_MP_STATE_RUNNABLE
+
+
+def kvm_vcpu_deliver_sipi_vector(vcpu: KvmVcpu, vector: int) -> None:
+    """CS = vector << 8 (base vector << 12), rip 0."""
+    kvm_register_flush(vcpu)
+    sregs = kvm_sregs()
+    cpu = vcpu.arch.hw.cpu
+    cpu.get_sregs(sregs)
+    sregs.cs.selector, sregs.cs.base = vector << 8, vector << 12
+    cpu.set_sregs(sregs)
+    kvm_rip_write(vcpu, 0)
+    vcpu.arch.new_entry = True
 
 
 # --- KVM_RUN ----------------------------------------------------------------------------------
@@ -711,15 +795,18 @@ def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
     shared = vcpu.run_map
     arch: KvmVcpuArch = vcpu.arch
     try:
+        if arch.mp_state == KVM_MP_STATE_UNINITIALIZED:
+            kvm_run_uninitialized(vcpu)
         valid, dirty = _RUN_SYNC.unpack_from(shared, 288)
         if (valid | dirty) & ~KVM_SYNC_X86_VALID_FIELDS:
             fail(errno.EINVAL)
         if dirty:
             sync_regs(vcpu)
-        (cr8,) = _RUN_CR8.unpack_from(shared, 16)
-        if cr8 & CR8_RESERVED_BITS:  # kvm_set_cr8 from kvm_run without an in-kernel APIC
-            fail(errno.EINVAL)
-        arch.cr8 = cr8
+        if not x86_irq.lapic_in_kernel(vcpu):
+            (cr8,) = _RUN_CR8.unpack_from(shared, 16)
+            if cr8 & CR8_RESERVED_BITS:  # kvm_set_cr8 from kvm_run without an in-kernel APIC
+                fail(errno.EINVAL)
+            arch.cr8 = cr8
         cui = arch.complete_userspace_io
         if cui is not None:
             arch.complete_userspace_io = None
@@ -735,15 +822,79 @@ def kvm_arch_vcpu_ioctl_run(vcpu: KvmVcpu) -> int:
     return 0
 
 
+def kvm_run_uninitialized(vcpu: KvmVcpu) -> None:
+    """KVM_RUN on a vCPU still waiting for INIT: block until an event or a signal comes,
+    then return EAGAIN (EINTR for a signal or with immediate_exit), as KVM does."""
+    if vcpu.run_map[1]:
+        fail(errno.EINTR)
+    kvm_vcpu_block(vcpu)
+    kvm_apic_accept_events(vcpu)
+    if signal_pending(vcpu):
+        vcpu.stat.signal_exits += 1
+        _RUN_EXIT_REASON.pack_into(vcpu.run_map, 8, KVM_EXIT_INTR)
+        fail(errno.EINTR)
+    fail(errno.EAGAIN)
+
+
+def kvm_arch_vcpu_runnable(vcpu: KvmVcpu) -> bool:
+    """Running, or an event that ends a halt: an NMI, a SIPI, an interrupt IF lets in."""
+    arch = vcpu.arch
+    if arch.mp_state == KVM_MP_STATE_RUNNABLE or arch.nmi_pending or arch.sipi_pending:
+        return True
+    return bool(arch.rflags & X86_RFLAGS_IF) and x86_irq.kvm_cpu_has_interrupt(vcpu)
+
+
+HALT_POLL = 0.005  # seconds: how often a blocked vCPU looks for a signal
+
+
+@traced()
+def kvm_vcpu_block(vcpu: KvmVcpu) -> None:
+    """Sleep until the vCPU is runnable, or a kick or a signal wakes it (which the caller
+    then serves: an EINTR exit for a signal, else back to sleep)."""
+    arch = vcpu.arch
+    hw = arch.hw
+    with arch.halt_wait:
+        while not kvm_arch_vcpu_runnable(vcpu) and not hw.kick_requested:
+            arch.halt_wait.wait(HALT_POLL)
+    hw.kick_requested = False
+
+
+@traced()
+def kvm_vcpu_halt(vcpu: KvmVcpu) -> None:
+    """The halt-polling front of kvm_vcpu_block (kvmlab does not poll)."""
+    kvm_vcpu_block(vcpu)
+
+
+@traced()
+def vcpu_block(vcpu: KvmVcpu) -> int:
+    """A halted (or INIT-waiting) vCPU sleeps in KVM_RUN; woken by an event it runs again."""
+    arch = vcpu.arch
+    if not kvm_arch_vcpu_runnable(vcpu):
+        if arch.mp_state == KVM_MP_STATE_HALTED:
+            kvm_vcpu_halt(vcpu)
+        else:
+            kvm_vcpu_block(vcpu)
+        if not kvm_arch_vcpu_runnable(vcpu):
+            return 1  # a signal or a kick: vcpu_run serves it, then blocks again
+    kvm_apic_accept_events(vcpu)
+    if arch.mp_state in (KVM_MP_STATE_HALTED, KVM_MP_STATE_AP_RESET_HOLD):
+        arch.mp_state = KVM_MP_STATE_RUNNABLE
+    return 1
+
+
 @traced()
 def vcpu_run(vcpu: KvmVcpu) -> None:
     """Enter the guest again and again until an exit must go to userspace (or a signal)."""
     run: Any = vcpu.run
+    arch = vcpu.arch
     _RUN_EXIT_REASON.pack_into(vcpu.run_map, 8, KVM_EXIT_UNKNOWN)
+    pic = x86_irq.pic_in_kernel(vcpu.kvm)
     while True:
-        if vcpu_enter_guest(vcpu) <= 0:
+        running = arch.mp_state == KVM_MP_STATE_RUNNABLE  # kvm_vcpu_running
+        r = vcpu_enter_guest(vcpu) if running else vcpu_block(vcpu)
+        if r <= 0:
             return
-        if vcpu.run_map[0] and kvm_vcpu_ready_for_interrupt_injection(vcpu):
+        if not pic and vcpu.run_map[0] and kvm_vcpu_ready_for_interrupt_injection(vcpu):
             vcpu.stat.request_irq_exits += 1
             run.exit_reason = KVM_EXIT_IRQ_WINDOW_OPEN
             return
@@ -771,6 +922,8 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         arch.new_entry = False
     exit_reason = None
     arch.has_run = True
+    pic = x86_irq.pic_in_kernel(vcpu.kvm)
+    want_window = pic and kvm_check_and_inject_events(vcpu)
     if arch.nmi_pending or arch.interrupt is not None or arch.exception is not None:
         exit_reason = inject_pending_event(vcpu)
     if exit_reason is None:
@@ -780,7 +933,8 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
             exit_reason = hw.vcpu_run(
                 arch.rip,
                 step=bool(arch.guest_debug & KVM_GUESTDBG_SINGLESTEP),
-                irq_window=bool(vcpu.run_map[0]) and arch.interrupt is None,
+                irq_window=want_window
+                or (not pic and bool(vcpu.run_map[0]) and arch.interrupt is None),
             )
         except BaseException:
             # A Python signal handler raised (Ctrl-C, a notebook interrupt) while the guest
@@ -796,6 +950,22 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     arch.rip, arch.rip_dirty, arch.rflags = hw.rip, False, hw.rflags
     vcpu.stat.exits += 1
     return handle_exit(vcpu, exit_reason)
+
+
+def kvm_check_and_inject_events(vcpu: KvmVcpu) -> bool:
+    """With the irqchip in the kernel: take the PIC's vector if the guest can take it now
+    (it is then injected like a KVM_INTERRUPT one); if not, ask for the interrupt window.
+    Returns True when the window is needed."""
+    arch = vcpu.arch
+    if arch.interrupt is not None or arch.exception is not None or arch.nmi_pending:
+        return False
+    if not x86_irq.kvm_cpu_has_interrupt(vcpu):
+        return False
+    kvm_register_flush(vcpu)
+    if not arch.rflags & X86_RFLAGS_IF or arch.hw.cpu.interrupt_shadow():
+        return True  # enable_irq_window
+    arch.interrupt, arch.interrupt_soft = x86_irq.kvm_cpu_get_interrupt(vcpu), False
+    return False
 
 
 @traced()
@@ -864,6 +1034,12 @@ def handle_io(vcpu: KvmVcpu) -> int:
     io = arch.hw.io
     if io.string:
         return handle_string_io(vcpu)
+    value = x86_irq.kernel_pio(vcpu, io.port, io.size, io.is_in, io.value)
+    if value is not None:  # an in-kernel device answered: no exit
+        if io.is_in:
+            mask = (1 << (8 * io.size)) - 1
+            arch.rax_dirty = value if io.size == 4 else (io.rax & ~mask) | (value & mask)
+        return kvm_skip_emulated_instruction(vcpu, io.next_rip)
     shared = vcpu.run_map
     size = io.size
     report_io_exit(vcpu, io.is_in, size, io.port, 1)
@@ -1131,9 +1307,13 @@ def kvm_inject_gp(vcpu: KvmVcpu) -> int:
 
 @traced()
 def kvm_emulate_halt(vcpu: KvmVcpu) -> int:
-    """HLT without an in-kernel local APIC: rip is already past it; userspace decides."""
-    vcpu.run.exit_reason = KVM_EXIT_HLT
+    """HLT (rip is already past it): without an in-kernel local APIC userspace decides
+    (KVM_EXIT_HLT); with one the vCPU is HALTED and sleeps in KVM_RUN until an interrupt."""
     vcpu.stat.halt_exits += 1
+    if x86_irq.lapic_in_kernel(vcpu):
+        vcpu.arch.mp_state = KVM_MP_STATE_HALTED
+        return 1
+    vcpu.run.exit_reason = KVM_EXIT_HLT
     return 0
 
 
@@ -1213,6 +1393,7 @@ def post_kvm_run_save(vcpu: KvmVcpu) -> None:
     arch = vcpu.arch
     if_flag = bool(arch.rflags & X86_RFLAGS_IF)
     ready = kvm_vcpu_ready_for_interrupt_injection(vcpu) if if_flag else False
+    ready = ready or x86_irq.pic_in_kernel(vcpu.kvm)
     _RUN_OUT.pack_into(vcpu.run_map, 12, ready, if_flag, 0, arch.cr8, arch.apic_base)
 
 

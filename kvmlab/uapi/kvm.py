@@ -113,6 +113,8 @@ KVM_CAP_IRQ_INJECT_STATUS = 26
 KVM_CAP_JOIN_MEMORY_REGIONS_WORKS = 30
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
+KVM_CAP_SET_BOOT_CPU_ID = 34
+KVM_CAP_PIT_STATE2 = 35
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_INTERNAL_ERROR_DATA = 40
@@ -122,10 +124,12 @@ KVM_CAP_DEBUGREGS = 50
 KVM_CAP_ENABLE_CAP = 54
 KVM_CAP_XSAVE = 55
 KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_ONE_REG = 70
 KVM_CAP_SYNC_REGS = 74
+KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_ARM_PSCI = 87
 KVM_CAP_ARM_PSCI_0_2 = 102
@@ -231,6 +235,79 @@ KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IOEVENTFD_VALID_FLAG_MASK = (1 << 5) - 1
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_MAX_IRQ_ROUTES = 4096
+
+
+class kvm_irq_routing_irqchip(ctypes.Structure):  # noqa: N801
+    """A GSI routed to pin `pin` of in-kernel chip `irqchip` (0, 1: the PICs; 2: the IOAPIC)."""
+
+    _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
+
+
+class kvm_irq_routing_msi(ctypes.Structure):  # noqa: N801
+    """A GSI routed to a message-signalled interrupt: the address and data of the write."""
+
+    _fields_ = [
+        ("address_lo", c_uint32),
+        ("address_hi", c_uint32),
+        ("data", c_uint32),
+        ("pad", c_uint32),
+    ]
+
+
+class kvm_irq_routing_s390_adapter(ctypes.Structure):  # noqa: N801
+    """An s390 adapter route: never used on x86, but its 64-bit fields align the union."""
+
+    _fields_ = [
+        ("ind_addr", c_uint64),
+        ("summary_addr", c_uint64),
+        ("ind_offset", c_uint64),
+        ("summary_offset", c_uint32),
+        ("adapter_id", c_uint32),
+    ]
+
+
+class _RoutingUnion(ctypes.Union):
+    _fields_ = [
+        ("irqchip", kvm_irq_routing_irqchip),
+        ("msi", kvm_irq_routing_msi),
+        ("adapter", kvm_irq_routing_s390_adapter),
+        ("pad", c_uint32 * 8),
+    ]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):  # noqa: N801
+    """One route of KVM_SET_GSI_ROUTING: `gsi` to the chip pin or MSI that `type` names."""
+
+    _fields_ = [
+        ("gsi", c_uint32),
+        ("type", c_uint32),
+        ("flags", c_uint32),
+        ("pad", c_uint32),
+        ("u", _RoutingUnion),
+    ]
+
+
+class kvm_irq_routing(ctypes.Structure):  # noqa: N801
+    """KVM_SET_GSI_ROUTING: `nr` entries follow (use `flex(kvm_irq_routing, n)`)."""
+
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32), ("entries", kvm_irq_routing_entry * 0)]
+
+
+class kvm_msi(ctypes.Structure):  # noqa: N801
+    """KVM_SIGNAL_MSI: inject the interrupt a device's MSI write of `data` to `address` makes."""
+
+    _fields_ = [
+        ("address_lo", c_uint32),
+        ("address_hi", c_uint32),
+        ("data", c_uint32),
+        ("flags", c_uint32),
+        ("devid", c_uint32),
+        ("pad", c_uint8 * 12),
+    ]
 
 
 class kvm_run_io(ctypes.Structure):  # noqa: N801
@@ -364,6 +441,8 @@ KVM_IRQ_LINE = _IOW(KVMIO, 0x61, ctypes.sizeof(kvm_irq_level))
 KVM_IRQ_LINE_STATUS = _IOWR(KVMIO, 0x67, ctypes.sizeof(kvm_irq_level))
 KVM_IRQFD = _IOW(KVMIO, 0x76, ctypes.sizeof(kvm_irqfd))
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, ctypes.sizeof(kvm_ioeventfd))
+KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, ctypes.sizeof(kvm_irq_routing))
+KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, ctypes.sizeof(kvm_msi))
 
 # --- ioctls on a vCPU fd ------------------------------------------------------------------------
 KVM_RUN = _IO(KVMIO, 0x80)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import c_char, c_int64, c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Any
 
 from kvmlab.uapi.ioctl import _IOR, _IOW, _IOWR
@@ -357,6 +357,70 @@ class kvm_irqchip(ctypes.Structure):  # noqa: N801
 
 KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, ctypes.sizeof(kvm_irqchip))
 KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, ctypes.sizeof(kvm_irqchip))
+
+KVM_APIC_REG_SIZE = 0x400
+
+
+class kvm_lapic_state(ctypes.Structure):  # noqa: N801
+    """KVM_GET/SET_LAPIC: the local APIC's register page, each register at its MMIO offset."""
+
+    _fields_ = [("regs", c_char * KVM_APIC_REG_SIZE)]
+
+
+KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, ctypes.sizeof(kvm_lapic_state))
+KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, ctypes.sizeof(kvm_lapic_state))
+
+
+class kvm_pit_channel_state(ctypes.Structure):  # noqa: N801
+    """One channel of the in-kernel 8254 (KVM_GET/SET_PIT2)."""
+
+    _fields_ = [
+        ("count", c_uint32),
+        ("latched_count", c_uint16),
+        ("count_latched", c_uint8),
+        ("status_latched", c_uint8),
+        ("status", c_uint8),
+        ("read_state", c_uint8),
+        ("write_state", c_uint8),
+        ("write_latch", c_uint8),
+        ("rw_mode", c_uint8),
+        ("mode", c_uint8),
+        ("bcd", c_uint8),
+        ("gate", c_uint8),
+        ("count_load_time", c_int64),
+    ]
+
+
+class kvm_pit_state(ctypes.Structure):  # noqa: N801
+    """KVM_GET/SET_PIT: the three channels."""
+
+    _fields_ = [("channels", kvm_pit_channel_state * 3)]
+
+
+class kvm_pit_state2(ctypes.Structure):  # noqa: N801
+    """KVM_GET/SET_PIT2: the three channels and the flags (HPET legacy, speaker data)."""
+
+    _fields_ = [
+        ("channels", kvm_pit_channel_state * 3),
+        ("flags", c_uint32),
+        ("reserved", c_uint32 * 9),
+    ]
+
+
+class kvm_pit_config(ctypes.Structure):  # noqa: N801
+    """KVM_CREATE_PIT2's argument: flags (KVM_PIT_SPEAKER_DUMMY) and padding."""
+
+    _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
+
+
+KVM_PIT_SPEAKER_DUMMY = 1
+KVM_PIT_FLAGS_HPET_LEGACY = 0x1
+KVM_PIT_FLAGS_SPEAKER_DATA_ON = 0x2
+KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, ctypes.sizeof(kvm_pit_config))
+KVM_GET_PIT = _IOWR(KVMIO, 0x65, ctypes.sizeof(kvm_pit_state))
+KVM_SET_PIT = _IOR(KVMIO, 0x66, ctypes.sizeof(kvm_pit_state))
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, ctypes.sizeof(kvm_pit_state2))
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, ctypes.sizeof(kvm_pit_state2))
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic: the kernel's spelling)
 

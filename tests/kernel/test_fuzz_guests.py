@@ -64,7 +64,7 @@ _COMMON: dict[str, Any] = {
 settings.register_profile("kvmlab-fuzz-ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("kvmlab-fuzz-long", **_COMMON)
 PROFILE = settings.get_profile("kvmlab-fuzz-long" if LONG else "kvmlab-fuzz-ci")
-SCALE = 500 if LONG else 1
+SCALE = int(os.environ.get("KVMLAB_FUZZ_SCALE", "500")) if LONG else 1
 
 
 def fuzz(examples: int) -> settings:

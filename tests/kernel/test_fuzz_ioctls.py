@@ -6,7 +6,7 @@ ioctls, seeded (derandomized) so that it is stable; where the host's /dev/kvm is
 smaller sample runs each sequence on both backends and compares the errno call by call.
 
 `KVMLAB_FUZZ=long` switches to the "kvmlab-fuzz-long" hypothesis profile, 500 times the
-examples and randomized, for runs of hours:
+examples (or `KVMLAB_FUZZ_SCALE` times) and randomized, for runs of hours:
 
     KVMLAB_FUZZ=long .venv/bin/pytest tests/kernel/test_fuzz_ioctls.py
 """
@@ -69,7 +69,7 @@ _COMMON: dict[str, Any] = {
 settings.register_profile("kvmlab-fuzz-ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("kvmlab-fuzz-long", **_COMMON)
 PROFILE = settings.get_profile("kvmlab-fuzz-long" if LONG else "kvmlab-fuzz-ci")
-SCALE = 500 if LONG else 1
+SCALE = int(os.environ.get("KVMLAB_FUZZ_SCALE", "500")) if LONG else 1
 
 
 def fuzz(examples: int) -> settings:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvmlab.kernel import fs, signals
+from kvmlab.kernel import eventfd, fs, signals
 from kvmlab.kernel.memslots import (
     KVM_ADDRESS_SPACE_NUM,
     KVM_USER_MEM_SLOTS,
@@ -35,6 +35,8 @@ from kvmlab.uapi import (
     KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_INTERNAL_ERROR_DATA,
+    KVM_CAP_IOEVENTFD,
+    KVM_CAP_IRQFD,
     KVM_CAP_JOIN_MEMORY_REGIONS_WORKS,
     KVM_CAP_NR_MEMSLOTS,
     KVM_CAP_USER_MEMORY,
@@ -45,11 +47,15 @@ from kvmlab.uapi import (
     KVM_GET_DIRTY_LOG,
     KVM_GET_MP_STATE,
     KVM_GET_VCPU_MMAP_SIZE,
+    KVM_IOEVENTFD,
+    KVM_IRQFD,
     KVM_RUN,
     KVM_SET_USER_MEMORY_REGION,
     KVMIO,
     ioctl_name,
     kvm_dirty_log,
+    kvm_ioeventfd,
+    kvm_irqfd,
     kvm_mp_state,
     kvm_userspace_memory_region,
 )
@@ -78,6 +84,8 @@ class KvmArch(Protocol):
     def kvm_arch_vcpu_ioctl(self, vcpu: KvmVcpu, cmd: int, arg: int) -> int: ...
     def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu) -> int: ...
     def kvm_arch_vcpu_ioctl_get_mpstate(self, vcpu: KvmVcpu) -> int: ...
+    def kvm_arch_irqfd_allowed(self, kvm: Kvm) -> bool: ...
+    def kvm_set_irq(self, kvm: Kvm, gsi: int, level: int) -> int: ...
 
 
 class GuestLock:
@@ -125,6 +133,10 @@ class Kvm:
         self.slots_lock = threading.Lock()
         self.guest_lock = GuestLock()
         self.arch: Any = None  # struct kvm_arch, filled by kvm_arch_init_vm
+        self.irqfds: eventfd.KvmIrqfds
+        self.ioeventfds: list[eventfd.Ioeventfd]
+        self.buses: list[dict[int, tuple[eventfd.Ioeventfd, ...]]]  # by address
+        eventfd.kvm_eventfd_init(self)
 
     def kvm_get_vcpu_by_id(self, id_: int) -> KvmVcpu | None:
         for vcpu in self.vcpu_array:
@@ -217,6 +229,7 @@ def kvm_destroy_vm(kvm: Kvm) -> None:
     with _vm_list_lock:
         if kvm in vm_list:
             vm_list.remove(kvm)
+    eventfd.kvm_eventfd_release(kvm)
     kvm.arch_ops.kvm_arch_destroy_vm(kvm)
     for vcpu in kvm.vcpu_array:
         kvm_vcpu_destroy(vcpu)
@@ -297,12 +310,18 @@ def kvm_create_vm(type_: int) -> Kvm:
 
 @traced(args=lambda kvm, cap: {"cap": cap})
 def kvm_vm_ioctl_check_extension_generic(kvm: Kvm | None, cap: int) -> int:
-    """KVM_CHECK_EXTENSION: generic capabilities here, the rest from the arch; unknown → 0."""
+    """KVM_CHECK_EXTENSION: generic capabilities here, the rest from the arch; unknown → 0.
+
+    KVM_CAP_IOEVENTFD is in every architecture's own list in Linux; kvmlab answers it here once.
+    """
     if cap in (
         KVM_CAP_USER_MEMORY,
         KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
         KVM_CAP_JOIN_MEMORY_REGIONS_WORKS,
         KVM_CAP_INTERNAL_ERROR_DATA,
+        KVM_CAP_IRQFD,
+        KVM_CAP_IOEVENTFD,
+        eventfd.KVM_CAP_IOEVENTFD_ANY_LENGTH,
         KVM_CAP_CHECK_EXTENSION_VM,
         KVM_CAP_IMMEDIATE_EXIT,
     ):
@@ -327,7 +346,8 @@ class KvmVmFops:
         fail(errno.ENODEV)
 
     def release(self, file: fs.File) -> None:
-        """kvm_vm_release: the VM itself lives on while vCPU files hold references."""
+        """kvm_vm_release: the irqfds go now; the VM lives on while vCPU files hold it."""
+        eventfd.kvm_irqfd_release(file.private_data)
         kvm_put_kvm(file.private_data)
 
 
@@ -346,6 +366,10 @@ def kvm_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
         return 0
     if cmd == KVM_CHECK_EXTENSION:
         return kvm_vm_ioctl_check_extension_generic(kvm, arg)
+    if cmd == KVM_IOEVENTFD:
+        return eventfd.kvm_ioeventfd(kvm, copy_struct_from_user(kvm_ioeventfd, arg))
+    if cmd == KVM_IRQFD:
+        return eventfd.kvm_irqfd(kvm, copy_struct_from_user(kvm_irqfd, arg))
     return kvm.arch_ops.kvm_arch_vm_ioctl(kvm, cmd, arg)
 
 

@@ -25,24 +25,30 @@ _lock = threading.Lock()
 _watcher_started = False
 _chained_fd = -1
 _write_fd = -1
+_read_fd = -1
 _asserted_at = -1e9
 
 
 def _watch(read_fd: int) -> None:
     while True:
         select.select([read_fd], [], [])
-        try:
-            data = os.read(read_fd, 512)
-        except BlockingIOError:
-            continue
-        if _chained_fd >= 0:  # keep the wakeup fd someone else installed (e.g. asyncio) working
-            with contextlib.suppress(OSError):
-                os.write(_chained_fd, data)
-        with _lock:
-            vcpus = list(_running.values())
-            _pending.update(id(v) for v in vcpus)
-        for vcpu in vcpus:
-            vcpu.arch.hw.kick()
+        _take_signals(read_fd)
+
+
+def _take_signals(read_fd: int) -> None:
+    """Signals that arrived: every vCPU now in KVM_RUN gets one (and is kicked out)."""
+    try:
+        data = os.read(read_fd, 512)
+    except BlockingIOError:
+        return
+    if _chained_fd >= 0:  # keep the wakeup fd someone else installed (e.g. asyncio) working
+        with contextlib.suppress(OSError):
+            os.write(_chained_fd, data)
+    with _lock:
+        vcpus = list(_running.values())
+        _pending.update(id(v) for v in vcpus)
+    for vcpu in vcpus:
+        vcpu.arch.hw.kick()
 
 
 def start_signal_watcher() -> None:
@@ -52,12 +58,14 @@ def start_signal_watcher() -> None:
     nbclient) install or clear their own wakeup fd, so this runs on every KVM_RUN made from
     the main thread: theirs is chained, not lost, and ours is restored.
     """
-    global _watcher_started, _chained_fd, _write_fd
+    global _watcher_started, _chained_fd, _write_fd, _read_fd
     if threading.current_thread() is not threading.main_thread():
         return
     if not _watcher_started:
-        read_fd, _write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        threading.Thread(target=_watch, args=(read_fd,), name="kvmlab-signals", daemon=True).start()
+        _read_fd, _write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        threading.Thread(
+            target=_watch, args=(_read_fd,), name="kvmlab-signals", daemon=True
+        ).start()
         _watcher_started = True
     current = signal.set_wakeup_fd(_write_fd, warn_on_full_buffer=False)
     if current != _write_fd:
@@ -68,12 +76,16 @@ REASSERT_EVERY = 1.0  # seconds: set_wakeup_fd costs about 1.4 us, too much for 
 
 
 def enter_kvm_run(vcpu: Any) -> None:
-    """Mark `vcpu` as inside KVM_RUN, so that signals reach it (the watcher kicks it)."""
+    """Mark `vcpu` as inside KVM_RUN, so that signals reach it (the watcher kicks it).
+    Signals that arrived before this entry and the watcher has not taken yet are taken now,
+    for the vCPUs already running: they do not belong to this KVM_RUN."""
     global _asserted_at
     now = time.monotonic()
     if now - _asserted_at > REASSERT_EVERY:  # an event loop may have replaced our wakeup fd
         start_signal_watcher()
         _asserted_at = now
+    if _read_fd >= 0:
+        _take_signals(_read_fd)
     with _lock:
         _running[id(vcpu)] = vcpu
 

@@ -13,6 +13,7 @@ import errno
 import os
 import time
 
+from kvmlab.kernel import eventfd
 from kvmlab.kernel.arch.arm64.emulate import (
     KvmArchVm,
     KvmVcpuArch,
@@ -134,6 +135,16 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
     if cap == KVM_CAP_ARM_VM_IPA_SIZE:
         return KVM_IPA_LIMIT
     return 0
+
+
+def kvm_arch_intc_initialized(kvm: Kvm) -> bool:
+    """vgic_initialized(): never, with no vGIC, so KVM_IRQFD is EAGAIN (kvm_irqfd_assign)."""
+    return False
+
+
+def kvm_set_irq(kvm: Kvm, gsi: int, level: int) -> int:
+    """No vGIC, so no GSI routing table: a GSI reaches nothing (-1), as kvm_set_irq says."""
+    return -1
 
 
 @traced(args=lambda kvm, cmd, arg: {"cmd": hex(cmd)})
@@ -440,6 +451,9 @@ class Arm64:
     kvm_arch_vcpu_ioctl_run = staticmethod(kvm_arch_vcpu_ioctl_run)
     kvm_arch_vcpu_ioctl_get_mpstate = staticmethod(kvm_arch_vcpu_ioctl_get_mpstate)
     kvm_arch_vcpu_run_pid_change = staticmethod(kvm_arch_vcpu_run_pid_change)
+    kvm_arch_intc_initialized = staticmethod(kvm_arch_intc_initialized)
+    kvm_arch_irqfd_allowed = staticmethod(eventfd.kvm_arch_irqfd_allowed)  # the generic one
+    kvm_set_irq = staticmethod(kvm_set_irq)
 
 
 # --- module load and unload -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """arch/arm64/kvm/mmio.c: a data abort outside the memory slots becomes KVM_EXIT_MMIO.
 
+A store an ioeventfd takes (kvm_io_bus_write) signals its eventfd and does not exit. Otherwise
 KVM emulates nothing here: the syndrome hardware gives (ESR_EL2.ISS) already says the access
 size, the register, whether it is a store and how to extend a load. An instruction without a
 valid syndrome (ldp, writeback, SIMD) cannot be emulated: KVM_RUN fails with ENOSYS. The pc
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import errno
 
+from kvmlab.kernel import eventfd
 from kvmlab.kernel.arch.arm64.emulate import (
     kvm_incr_pc,
     run_of,
@@ -45,14 +47,20 @@ def io_mem_abort(vcpu: KvmVcpu, fault_ipa: int) -> int:
     length = 1 << ((esr >> ESR_ELx_SAS_SHIFT) & 3)
     rt = (esr >> ESR_ELx_SRT_SHIFT) & 0x1F
     run = run_of(vcpu)
-    if is_write:
-        data = vcpu_get_reg(vcpu, rt) & ((1 << (8 * length)) - 1)
-        for i in range(length):
-            run.mmio.data[i] = (data >> (8 * i)) & 0xFF
+    data = vcpu_get_reg(vcpu, rt) & ((1 << (8 * length)) - 1) if is_write else 0
+    handled = is_write and eventfd.kvm_io_bus_write(
+        vcpu.kvm, eventfd.KVM_MMIO_BUS, fault_ipa, data.to_bytes(length, "little")
+    )
     run.mmio.is_write = is_write
     run.mmio.phys_addr = fault_ipa
     run.mmio.len = length
     arch.mmio_needed = True
+    if handled:  # an ioeventfd took the store: step over it, back into the guest
+        vcpu_stat(vcpu).mmio_exit_kernel += 1
+        return kvm_handle_mmio_return(vcpu)
+    if is_write:
+        for i in range(length):
+            run.mmio.data[i] = (data >> (8 * i)) & 0xFF
     vcpu_stat(vcpu).mmio_exit_user += 1
     run.exit_reason = KVM_EXIT_MMIO
     return 0

@@ -29,6 +29,8 @@ KVM_CPUID_FEATURES = 0x40000001
 INDEXED_LEAVES = frozenset({4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F})
 X86_FEATURE_APIC = 1 << 9  # CPUID.1:EDX
 X86_FEATURE_OSXSAVE = 1 << 27  # CPUID.1:ECX
+X86_FEATURE_X2APIC = 1 << 21  # CPUID.1:ECX, emulated by the in-kernel APIC
+X86_FEATURE_TSC_DEADLINE_TIMER = 1 << 24  # CPUID.1:ECX, emulated too
 X86_FEATURE_HYPERVISOR = 1 << 31  # CPUID.1:ECX
 X86_CR4_OSXSAVE = 1 << 18
 VENDOR_AMD = struct.unpack("<3I", b"AuthenticAMD")  # ebx, edx, ecx order below
@@ -48,7 +50,8 @@ def _probe_cpuid(uc: Uc, function: int, index: int) -> tuple[int, int, int, int]
 @functools.cache
 def supported_cpuid() -> tuple[Entry, ...]:
     """kvm_set_cpu_caps for kvmlab: every leaf Unicorn's CPU answers, run once on a scratch
-    engine, with KVM's adjustments (hypervisor bit on, OSXSAVE off) and KVM's own leaves."""
+    engine, with KVM's adjustments (hypervisor bit on, OSXSAVE off; x2APIC and the
+    TSC-deadline timer on, which the in-kernel APIC emulates) and KVM's own leaves."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x2000, UC_PROT_ALL)
     uc.mem_write(0x1000, b"\x0f\xa2")  # cpuid
@@ -60,6 +63,7 @@ def supported_cpuid() -> tuple[Entry, ...]:
                 eax, ebx, ecx, edx = _probe_cpuid(uc, function, 0)
                 if function == 1:
                     ecx = (ecx | X86_FEATURE_HYPERVISOR) & ~X86_FEATURE_OSXSAVE
+                    ecx |= X86_FEATURE_X2APIC | X86_FEATURE_TSC_DEADLINE_TIMER
                     edx |= X86_FEATURE_APIC
                     ebx &= 0x00FF_FFFF  # the initial APIC ID is the vCPU's, filled per vCPU
                 entries.append((function, 0, 0, eax, ebx, ecx, edx))

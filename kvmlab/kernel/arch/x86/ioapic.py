@@ -2,9 +2,9 @@
 
 24 pins, each with a 64-bit redirection entry: vector, delivery mode, destination, edge or
 level trigger, mask, and the remote IRR a level-triggered interrupt holds until its EOI.
-Userspace reaches it through KVM_IRQ_LINE and KVM_GET/SET_IRQCHIP (the guest's IOREGSEL/IOWIN
-page at 0xfec00000 is not emulated yet). A pin that fires is delivered to the local APICs it names
-(`kvm_irq_delivery_to_apic`).
+Userspace reaches it through KVM_IRQ_LINE and KVM_GET/SET_IRQCHIP, the guest through the
+IOREGSEL/IOWIN window at 0xfec00000. A pin that fires is delivered to the local APICs it names
+(`kvm_irq_delivery_to_apic`); a level-triggered one waits for their EOI.
 https://elixir.bootlin.com/linux/v6.12/source/arch/x86/kvm/ioapic.c
 """
 
@@ -17,6 +17,11 @@ from kvmlab.kernel.trace import note, traced
 from kvmlab.uapi import KVM_IOAPIC_NUM_PINS, kvm_ioapic_state
 
 IOAPIC_DEFAULT_BASE_ADDRESS = 0xFEC00000
+IOAPIC_MEM_LENGTH = 0x100
+IOAPIC_REG_SELECT, IOAPIC_REG_WINDOW, IOAPIC_REG_EOI = 0x00, 0x10, 0x40
+IOAPIC_REG_VERSION, IOAPIC_REG_APIC_ID, IOAPIC_REG_ARB_ID = 0x01, 0x00, 0x02
+IOAPIC_VERSION_ID = 0x11
+DELIVERY_STATUS = 1 << 12
 # bit positions in a redirection entry (union kvm_ioapic_redirect_entry)
 REMOTE_IRR = 1 << 14
 TRIG_MODE = 1 << 15
@@ -106,3 +111,88 @@ def kvm_set_ioapic(ioapic: KvmIoapic, state: kvm_ioapic_state) -> None:
         for pin in range(KVM_IOAPIC_NUM_PINS):  # kvm_ioapic_inject_all
             if state.irr & (1 << pin):
                 ioapic_set_irq(ioapic, pin, 1)
+
+
+@traced(args=lambda ioapic, vector: {"vector": vector})
+def kvm_ioapic_update_eoi(ioapic: KvmIoapic, vector: int) -> None:
+    """A local APIC's EOI of a level-triggered vector: clear remote IRR on the pins with that
+    vector, and deliver again the ones whose line is still high."""
+    with ioapic.lock:
+        for pin, entry in enumerate(ioapic.redirtbl):
+            if entry & 0xFF != vector or not entry & TRIG_MODE:
+                continue
+            ioapic.redirtbl[pin] = entry & ~REMOTE_IRR
+            if not entry & MASK and ioapic.irr & (1 << pin):
+                ioapic_service(ioapic, pin)
+
+
+def ioapic_read_indirect(ioapic: KvmIoapic) -> int:
+    """IOWIN: the register IOREGSEL selects (version, ID, or half a redirection entry)."""
+    sel = ioapic.ioregsel
+    if sel == IOAPIC_REG_VERSION:
+        return ((KVM_IOAPIC_NUM_PINS - 1) << 16) | IOAPIC_VERSION_ID
+    if sel in (IOAPIC_REG_APIC_ID, IOAPIC_REG_ARB_ID):
+        return (ioapic.id & 0xF) << 24
+    index = (sel - 0x10) >> 1
+    entry = ioapic.redirtbl[index] if 0 <= index < KVM_IOAPIC_NUM_PINS else 2**64 - 1
+    return (entry >> 32) & 0xFFFF_FFFF if sel & 1 else entry & 0xFFFF_FFFF
+
+
+@traced(args=lambda ioapic, val: {"ioregsel": hex(ioapic.ioregsel), "val": hex(val)})
+def ioapic_write_indirect(ioapic: KvmIoapic, val: int) -> None:
+    """IOWIN write: the ID, or half a redirection entry (remote IRR and delivery status are
+    read-only; an edge entry drops remote IRR; an unmasked level pin still high fires)."""
+    sel = ioapic.ioregsel
+    if sel == IOAPIC_REG_APIC_ID:
+        ioapic.id = (val >> 24) & 0xF
+        return
+    if sel in (IOAPIC_REG_VERSION, IOAPIC_REG_ARB_ID):
+        return
+    index = (sel - 0x10) >> 1
+    if not 0 <= index < KVM_IOAPIC_NUM_PINS:
+        return
+    old = ioapic.redirtbl[index]
+    high = sel & 1
+    entry = (old & 0xFFFF_FFFF) | (val << 32) if high else (old & ~0xFFFF_FFFF) | val
+    keep = REMOTE_IRR | DELIVERY_STATUS
+    entry = (entry & ~keep) | (old & keep)
+    if not entry & TRIG_MODE:
+        entry &= ~REMOTE_IRR
+    ioapic.redirtbl[index] = entry
+    level_pending = entry & TRIG_MODE and ioapic.irr & (1 << index)
+    if level_pending and not entry & MASK and not entry & REMOTE_IRR:
+        ioapic_service(ioapic, index)
+
+
+def ioapic_in_range(ioapic: KvmIoapic, gpa: int) -> bool:
+    return ioapic.base_address <= gpa < ioapic.base_address + IOAPIC_MEM_LENGTH
+
+
+@traced(args=lambda ioapic, gpa, size: {"gpa": hex(gpa), "len": size})
+def ioapic_mmio_read(ioapic: KvmIoapic, gpa: int, size: int) -> bytes:
+    """IOREGSEL or IOWIN; anything else in the window reads 0."""
+    with ioapic.lock:
+        offset = gpa & 0xFF
+        result = 0
+        if offset == IOAPIC_REG_SELECT:
+            result = ioapic.ioregsel
+        elif offset == IOAPIC_REG_WINDOW:
+            result = ioapic_read_indirect(ioapic)
+    return result.to_bytes(8, "little")[:size]
+
+
+@traced(args=lambda ioapic, gpa, data: {"gpa": hex(gpa), "len": len(data)})
+def ioapic_mmio_write(ioapic: KvmIoapic, gpa: int, data: bytes) -> None:
+    """IOREGSEL, IOWIN or the EOI register; only 4- and 8-byte stores count (low 32 bits)."""
+    if len(data) not in (4, 8):
+        note("IOAPIC: unsupported store size", len=len(data))
+        return
+    val = int.from_bytes(data[:4], "little")
+    with ioapic.lock:
+        offset = gpa & 0xFF
+        if offset == IOAPIC_REG_SELECT:
+            ioapic.ioregsel = val & 0xFF
+        elif offset == IOAPIC_REG_WINDOW:
+            ioapic_write_indirect(ioapic, val)
+    if offset == IOAPIC_REG_EOI:
+        kvm_ioapic_update_eoi(ioapic, val & 0xFF)

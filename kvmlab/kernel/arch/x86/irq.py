@@ -1,20 +1,23 @@
-"""The in-kernel irqchip of a VM: creation, the default GSI routing, KVM_IRQ_LINE, and what a
-vCPU takes from it at entry (arch/x86/kvm/irq.c, irq_comm.c and the irqchip ioctls of x86.c).
+"""The in-kernel irqchip of a VM: creation, GSI routing, KVM_IRQ_LINE, MSIs, and what a
+vCPU takes from it at entry (arch/x86/kvm/irq.c, irq_comm.c, virt/kvm/irqchip.c).
 
-KVM_CREATE_IRQCHIP makes the two 8259s and the IOAPIC and routes GSI 0-15 to both the PIC pin
-and the IOAPIC pin of that number, GSI 16-23 to the IOAPIC alone. Every vCPU then has its local
-APIC in the kernel; kvmlab models its reset state only (ID = vCPU id, software-disabled, LVT0
-in ExtINT mode on vCPU 0), so the PIC reaches vCPU 0 through LINT0 and the IOAPIC's fixed
-interrupts find no enabled APIC (its NMIs are delivered).
+KVM_CREATE_IRQCHIP makes the two 8259s and the IOAPIC, a local APIC per vCPU (lapic.py), and
+routes GSI 0-15 to both the PIC pin and the IOAPIC pin of that number, GSI 16-23 to the IOAPIC
+alone; KVM_SET_GSI_ROUTING replaces that table (chip pins and MSIs). The PIC reaches a vCPU
+through its APIC's LINT0 in ExtINT mode (the BSP's at reset); the IOAPIC and MSIs send their
+interrupts to the APICs they name.
 https://elixir.bootlin.com/linux/v6.12/source/arch/x86/kvm/irq_comm.c
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmlab.kernel import eventfd
+from kvmlab.kernel.arch.x86 import i8254 as x86_i8254
 from kvmlab.kernel.arch.x86.i8259 import (
     PIC_NUM_PINS,
     KvmPic,
@@ -31,28 +34,49 @@ from kvmlab.kernel.arch.x86.ioapic import (
     kvm_ioapic_set_irq,
     kvm_set_ioapic,
 )
+from kvmlab.kernel.arch.x86.lapic import (
+    APIC_DM_EXTINT,
+    APIC_LVT0,
+    APIC_LVT_MASKED,
+    APIC_MODE_MASK,
+    KvmLapicIrq,
+    kvm_apic_has_interrupt,
+    kvm_get_apic_interrupt,
+    kvm_irq_delivery_to_apic,
+    kvm_vcpu_kick,
+    vcpu_apic,
+)
 from kvmlab.kernel.trace import note, traced
-from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
+from kvmlab.kernel.uaccess import copy_from_user, copy_struct_from_user, copy_to_user, fail
 from kvmlab.uapi import (
     KVM_IOAPIC_NUM_PINS,
+    KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
     KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_IRQ_ROUTES,
     MSR_IA32_APICBASE_ENABLE,
     kvm_irq_level,
+    kvm_irq_routing,
+    kvm_irq_routing_entry,
     kvm_irqchip,
+    kvm_msi,
 )
 
-APIC_DM_FIXED, APIC_DM_LOWEST, APIC_DM_NMI = 0, 1, 4
-APIC_BROADCAST = 0xFF
+KVM_MSI_VALID_DEVID = 1 << 0
 
 
 @dataclass
 class RoutingEntry:
-    """struct kvm_kernel_irq_routing_entry of type KVM_IRQ_ROUTING_IRQCHIP."""
+    """struct kvm_kernel_irq_routing_entry: a chip pin (KVM_IRQ_ROUTING_IRQCHIP; PIC pins are
+    0-15 across both chips) or an MSI's address and data (KVM_IRQ_ROUTING_MSI)."""
 
-    irqchip: int
-    pin: int
+    type: int
+    irqchip: int = 0
+    pin: int = 0
+    address: int = 0
+    data: int = 0
 
 
 @dataclass
@@ -73,17 +97,16 @@ def pic_in_kernel(kvm: Any) -> bool:
 
 
 def lapic_in_kernel(vcpu: Any) -> bool:
-    return bool(vcpu.kvm.arch.irqchip is not None)
-
-
-def kvm_apic_hw_enabled(vcpu: Any) -> bool:
-    return bool(vcpu.arch.apic_base & MSR_IA32_APICBASE_ENABLE)
+    return vcpu_apic(vcpu) is not None
 
 
 def kvm_apic_accept_pic_intr(vcpu: Any) -> bool:
-    """PIC interrupts reach a vCPU whose APIC is off, or whose LVT0 is unmasked ExtINT: at
-    reset only the BSP's (KVM_X86_QUIRK_LINT0_REENABLED)."""
-    return not kvm_apic_hw_enabled(vcpu) or vcpu.vcpu_id == 0
+    """PIC interrupts reach a vCPU whose APIC is off, or whose LVT0 is unmasked ExtINT."""
+    apic = vcpu_apic(vcpu)
+    if apic is None or not vcpu.arch.apic_base & MSR_IA32_APICBASE_ENABLE:
+        return True
+    lvt0 = apic.get(APIC_LVT0)
+    return not lvt0 & APIC_LVT_MASKED and lvt0 & APIC_MODE_MASK == APIC_DM_EXTINT
 
 
 def pic_acceptor(kvm: Any) -> Any:
@@ -92,14 +115,6 @@ def pic_acceptor(kvm: Any) -> Any:
         if kvm_apic_accept_pic_intr(vcpu):
             return vcpu
     return None
-
-
-def kvm_vcpu_kick(vcpu: Any) -> None:
-    """Wake the vCPU if it is blocked in KVM_RUN (HLT), or make it leave the guest."""
-    arch = vcpu.arch
-    arch.hw.kick()
-    with arch.halt_wait:
-        arch.halt_wait.notify_all()
 
 
 # --- creation and the ioctls -------------------------------------------------------------------
@@ -115,7 +130,7 @@ def kvm_vm_ioctl_create_irqchip(kvm: Any) -> int:
             note("vCPUs exist: their APICs would be missing", created_vcpus=kvm.created_vcpus)
             fail(errno.EINVAL)
         pic = KvmPic(lambda: pic_acceptor(kvm), kvm_vcpu_kick)
-        ioapic = KvmIoapic(lambda entry: kvm_irq_delivery_to_apic(kvm, entry))
+        ioapic = KvmIoapic(lambda entry: ioapic_deliver(kvm, entry))
         chip = KvmIrqchip(pic, ioapic)
         kvm_setup_default_irq_routing(chip)
         kvm.arch.irqchip = chip
@@ -126,10 +141,10 @@ def kvm_vm_ioctl_create_irqchip(kvm: Any) -> int:
 def kvm_setup_default_irq_routing(chip: KvmIrqchip) -> None:
     """GSI n -> IOAPIC pin n (0-23) and, for n < 16, PIC pin n too."""
     for gsi in range(KVM_IOAPIC_NUM_PINS):
-        entries = [RoutingEntry(KVM_IRQCHIP_IOAPIC, gsi)]
+        entries = [RoutingEntry(KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQCHIP_IOAPIC, gsi)]
         if gsi < PIC_NUM_PINS:
             pic = KVM_IRQCHIP_PIC_MASTER if gsi < 8 else KVM_IRQCHIP_PIC_SLAVE
-            entries.append(RoutingEntry(pic, gsi))
+            entries.append(RoutingEntry(KVM_IRQ_ROUTING_IRQCHIP, pic, gsi))
         chip.routing[gsi] = entries
 
 
@@ -140,13 +155,99 @@ def kvm_set_irq(kvm: Any, gsi: int, level: int) -> int:
     chip: KvmIrqchip = kvm.arch.irqchip
     ret = -1
     for entry in reversed(chip.routing.get(gsi, [])):
-        if entry.irqchip == KVM_IRQCHIP_IOAPIC:
+        if entry.type == KVM_IRQ_ROUTING_MSI:
+            r = kvm_set_msi(kvm, entry, level)
+        elif entry.irqchip == KVM_IRQCHIP_IOAPIC:
             r = kvm_ioapic_set_irq(chip.vioapic, entry.pin, level)
         else:
             r = kvm_pic_set_irq(chip.vpic, entry.pin, level)
         if r >= 0:
             ret = r + max(ret, 0)
     return ret
+
+
+@traced(args=lambda kvm, entry, level: {"address": hex(entry.address), "data": hex(entry.data)})
+def kvm_set_msi(kvm: Any, entry: RoutingEntry, level: int) -> int:
+    """A message-signalled interrupt: the address names the APIC(s), the data the vector and
+    delivery mode; only a rising level sends it."""
+    if not level:
+        return -1
+    lo, data = entry.address & 0xFFFF_FFFF, entry.data
+    irq = KvmLapicIrq(
+        vector=data & 0xFF,
+        delivery_mode=data & 0x700,
+        dest_mode_logical=bool(lo & (1 << 2)),
+        trig_mode=bool(data & (1 << 15)),
+        dest_id=(lo >> 12) & 0xFF,
+    )
+    return kvm_irq_delivery_to_apic(kvm, None, irq)
+
+
+def kvm_vm_ioctl_set_gsi_routing(kvm: Any, arg: int) -> int:
+    """KVM_SET_GSI_ROUTING: a whole new table, checked entry by entry before it replaces the
+    old one (EINVAL for a bad entry, a chip pin taken twice by one GSI, an MSI sharing a GSI)."""
+    header = copy_struct_from_user(kvm_irq_routing, arg)
+    if not irqchip_in_kernel(kvm) or header.nr > KVM_MAX_IRQ_ROUTES or header.flags:
+        fail(errno.EINVAL)
+    size = ctypes.sizeof(kvm_irq_routing_entry)
+    raw = copy_from_user(arg + kvm_irq_routing.entries.offset, header.nr * size)
+    entries = [kvm_irq_routing_entry.from_buffer_copy(raw, i * size) for i in range(header.nr)]
+    kvm_set_irq_routing(kvm, entries)
+    return 0
+
+
+@traced(args=lambda kvm, entries: {"nr": len(entries)})
+def kvm_set_irq_routing(kvm: Any, entries: list[kvm_irq_routing_entry]) -> None:
+    """Build the new table (setup_routing_entry, kvm_set_routing_entry) and swap it in."""
+    if any(e.gsi >= KVM_MAX_IRQ_ROUTES for e in entries):
+        fail(errno.EINVAL)
+    table: dict[int, list[RoutingEntry]] = {}
+    for ue in entries:
+        valid_flags = KVM_MSI_VALID_DEVID if ue.type == KVM_IRQ_ROUTING_MSI else 0
+        if ue.flags & ~valid_flags:
+            fail(errno.EINVAL)
+        new = kvm_set_routing_entry(ue)
+        for old in table.get(ue.gsi, []):
+            chips = old.type == new.type == KVM_IRQ_ROUTING_IRQCHIP
+            if not chips or old.irqchip == new.irqchip:
+                fail(errno.EINVAL)
+        table.setdefault(ue.gsi, []).insert(0, new)
+    kvm.arch.irqchip.routing = table
+
+
+def kvm_set_routing_entry(ue: kvm_irq_routing_entry) -> RoutingEntry:
+    """One userspace route, checked: a pin the chip has, or an MSI."""
+    if ue.type == KVM_IRQ_ROUTING_IRQCHIP:
+        chip, pin = ue.u.irqchip.irqchip, ue.u.irqchip.pin
+        if chip in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE):
+            if pin >= PIC_NUM_PINS // 2:
+                fail(errno.EINVAL)
+            pin += 8 if chip == KVM_IRQCHIP_PIC_SLAVE else 0
+        elif chip != KVM_IRQCHIP_IOAPIC or pin >= KVM_IOAPIC_NUM_PINS:
+            fail(errno.EINVAL)
+        return RoutingEntry(KVM_IRQ_ROUTING_IRQCHIP, chip, pin)
+    if ue.type == KVM_IRQ_ROUTING_MSI:
+        msi = ue.u.msi
+        return RoutingEntry(
+            KVM_IRQ_ROUTING_MSI, address=msi.address_hi << 32 | msi.address_lo, data=msi.data
+        )
+    fail(errno.EINVAL)
+
+
+@traced(args=lambda kvm, arg: {})
+def kvm_send_userspace_msi(kvm: Any, arg: int) -> int:
+    """KVM_SIGNAL_MSI: deliver one MSI now; the ioctl returns how many APICs took it (0 if
+    none did; -1, which userspace sees as EPERM, if nobody was addressed)."""
+    msi = copy_struct_from_user(kvm_msi, arg)
+    if not irqchip_in_kernel(kvm) or msi.flags & ~KVM_MSI_VALID_DEVID:
+        fail(errno.EINVAL)
+    entry = RoutingEntry(
+        KVM_IRQ_ROUTING_MSI, address=msi.address_hi << 32 | msi.address_lo, data=msi.data
+    )
+    r = kvm_set_msi(kvm, entry, 1)
+    if r < 0:
+        fail(-r)
+    return r
 
 
 def kvm_vm_ioctl_irq_line(kvm: Any, arg: int, with_status: bool) -> int:
@@ -196,37 +297,16 @@ def kvm_vm_ioctl_set_irqchip(kvm: Any, arg: int) -> int:
 # --- delivery to the local APICs -------------------------------------------------------------
 
 
-@traced(args=lambda kvm, entry: {"entry": hex(entry)})
-def kvm_irq_delivery_to_apic(kvm: Any, entry: int) -> int:
-    """An IOAPIC redirection entry to the APICs it names: -1 if none matched, else the sum of
-    what each accepted. At reset every APIC is software-disabled: fixed and lowest-priority
-    interrupts are not accepted (0); an NMI is."""
-    vector, mode = entry & 0xFF, (entry >> 8) & 7
-    logical, dest = bool(entry & (1 << 11)), entry >> 56
-    vcpus = [v for v in list(kvm.vcpu_array) if kvm_apic_hw_enabled(v)]
-    if not vcpus:
-        return -1
-    if dest == APIC_BROADCAST or logical:  # the slow path: every APIC is asked
-        targets = [v for v in vcpus if dest == APIC_BROADCAST]  # flat logical ids are 0
-        ret = -1 if not targets or mode == APIC_DM_LOWEST else 0
-    else:  # the APIC map: a physical id finds at most one APIC
-        targets = [v for v in vcpus if v.vcpu_id == dest]
-        ret = 0
-    for vcpu in targets if ret >= 0 else []:
-        ret += kvm_apic_set_irq(vcpu, vector, mode)
-    return ret
-
-
-@traced(args=lambda vcpu, vector, mode: {"vcpu": vcpu.vcpu_id, "vector": vector, "mode": mode})
-def kvm_apic_set_irq(vcpu: Any, vector: int, mode: int) -> int:
-    """__apic_accept_irq on an APIC in its reset state: only an NMI gets through."""
-    if mode == APIC_DM_NMI:
-        arch = vcpu.arch
-        arch.nmi_pending = min(arch.nmi_pending + 1, 1 if arch.nmi_masked else 2)
-        kvm_vcpu_kick(vcpu)
-        return 1
-    note("APIC software-disabled: not accepted", vector=vector, mode=mode)
-    return 0
+def ioapic_deliver(kvm: Any, entry: int) -> int:
+    """ioapic_service's message: a redirection entry as an interrupt for the APICs."""
+    irq = KvmLapicIrq(
+        vector=entry & 0xFF,
+        delivery_mode=entry & 0x700,
+        dest_mode_logical=bool(entry & (1 << 11)),
+        trig_mode=bool(entry & (1 << 15)),
+        dest_id=entry >> 56,
+    )
+    return kvm_irq_delivery_to_apic(kvm, None, irq)
 
 
 # --- what a vCPU takes at entry ---------------------------------------------------------------
@@ -239,14 +319,16 @@ def kvm_cpu_has_extint(vcpu: Any) -> bool:
 
 
 def kvm_cpu_has_interrupt(vcpu: Any) -> bool:
-    """An interrupt waits for this vCPU (the PIC's, the only source a reset APIC passes)."""
-    return kvm_cpu_has_extint(vcpu)
+    """An interrupt waits for this vCPU: the PIC's, or one its APIC would deliver now."""
+    return kvm_cpu_has_extint(vcpu) or kvm_apic_has_interrupt(vcpu) != -1
 
 
 @traced(args=lambda vcpu: {"vcpu": vcpu.vcpu_id})
 def kvm_cpu_get_interrupt(vcpu: Any) -> int:
-    """The vector to inject: the PIC's INTA cycle."""
-    return kvm_pic_read_irq(vcpu.kvm.arch.irqchip.vpic)
+    """The vector to inject: the PIC's INTA cycle, else the APIC's highest (now in service)."""
+    if kvm_cpu_has_extint(vcpu):
+        return kvm_pic_read_irq(vcpu.kvm.arch.irqchip.vpic)
+    return kvm_get_apic_interrupt(vcpu)
 
 
 # --- the guest's port accesses the kernel answers --------------------------------------------
@@ -260,7 +342,15 @@ def kernel_pio(vcpu: Any, port: int, size: int, is_in: bool, value: int) -> int 
     Returns None if no in-kernel device claims the port, else the value read (0 for OUT).
     An access wider than a byte is claimed and does nothing (reads 0), as in KVM.
     """
-    chip = vcpu.kvm.arch.irqchip
+    kvm = vcpu.kvm
+    if not is_in and eventfd.kvm_io_bus_write(
+        kvm, eventfd.KVM_PIO_BUS, port, value.to_bytes(size, "little")
+    ):
+        return 0
+    pit = x86_i8254.pit_pio(kvm, port, size, is_in, value)
+    if pit is not None:
+        return pit
+    chip = kvm.arch.irqchip
     if chip is None:
         return None
     for base, length in PIC_DEVICES:

@@ -18,6 +18,14 @@ from typing import Any
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn.x86_const import UC_X86_REG_EAX, UC_X86_REG_EDX
 
+from kvmlab.kernel.arch.x86.lapic import (
+    APIC_BASE_MSR,
+    MSR_IA32_TSC_DEADLINE,
+    kvm_get_lapic_tscdeadline_msr,
+    kvm_set_lapic_tscdeadline_msr,
+    kvm_x2apic_msr_read,
+    kvm_x2apic_msr_write,
+)
 from kvmlab.kernel.trace import traced
 from kvmlab.kernel.uaccess import copy_from_user, copy_struct_from_user, copy_to_user, fail
 from kvmlab.uapi import kvm_msr_list, kvm_msrs
@@ -151,6 +159,10 @@ def kvm_get_msr(vcpu: Any, index: int, host: bool) -> int | None:
         return (host_tsc() + cpu.tsc_offset()) & 0xFFFF_FFFF_FFFF_FFFF
     if index == MSR_IA32_APICBASE:
         return int(arch.apic_base)
+    if APIC_BASE_MSR <= index < APIC_BASE_MSR + 0x100:
+        return kvm_x2apic_msr_read(vcpu, index)
+    if index == MSR_IA32_TSC_DEADLINE:
+        return None if arch.apic is None else kvm_get_lapic_tscdeadline_msr(vcpu)
     simple = {
         MSR_IA32_TSC_ADJUST: state.tsc_adjust,
         MSR_IA32_MISC_ENABLE: state.misc_enable,
@@ -190,7 +202,15 @@ def kvm_set_msr(vcpu: Any, index: int, value: int, host: bool) -> bool:
         state.tsc_adjust = value
         return True
     if index == MSR_IA32_APICBASE:
-        return bool(arch.set_apic_base(value))
+        return bool(arch.set_apic_base(vcpu, value, host))
+    if APIC_BASE_MSR <= index < APIC_BASE_MSR + 0x100:
+        return kvm_x2apic_msr_write(vcpu, index, value)
+    if index == MSR_IA32_TSC_DEADLINE:
+        if arch.apic is None:
+            return False
+        guest_tsc = (host_tsc() + cpu.tsc_offset()) & 0xFFFF_FFFF_FFFF_FFFF
+        kvm_set_lapic_tscdeadline_msr(vcpu, value, guest_tsc)
+        return True
     if index == MSR_IA32_MISC_ENABLE:
         state.misc_enable = value
         return True

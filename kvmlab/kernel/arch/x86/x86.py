@@ -21,8 +21,12 @@ from typing import Any
 
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RFLAGS
 
+from kvmlab.kernel import eventfd
 from kvmlab.kernel.arch.x86 import cpuid as cpuid_mod
+from kvmlab.kernel.arch.x86 import i8254 as x86_i8254
+from kvmlab.kernel.arch.x86 import ioapic as x86_ioapic
 from kvmlab.kernel.arch.x86 import irq as x86_irq
+from kvmlab.kernel.arch.x86 import lapic as x86_lapic
 from kvmlab.kernel.arch.x86 import uc as vendor
 from kvmlab.kernel.arch.x86.cpu_state import context_layout, svm_layout
 from kvmlab.kernel.arch.x86.cpuid import GuestCpuid, kvm_cpuid, kvm_update_cpuid_runtime
@@ -48,21 +52,28 @@ from kvmlab.kernel.trace import traced
 from kvmlab.kernel.uaccess import copy_from_user, copy_struct_from_user, copy_to_user, fail
 from kvmlab.uapi import (
     APIC_DEFAULT_PHYS_BASE,
+    KVM_APIC_REG_SIZE,
     KVM_CAP_EXT_CPUID,
     KVM_CAP_GET_TSC_KHZ,
     KVM_CAP_HLT,
     KVM_CAP_IRQ_INJECT_STATUS,
+    KVM_CAP_IRQ_ROUTING,
     KVM_CAP_IRQCHIP,
     KVM_CAP_MAX_VCPU_ID,
     KVM_CAP_MAX_VCPUS,
     KVM_CAP_MP_STATE,
     KVM_CAP_NR_VCPUS,
+    KVM_CAP_PIT,
+    KVM_CAP_PIT2,
+    KVM_CAP_PIT_STATE2,
     KVM_CAP_READONLY_MEM,
     KVM_CAP_SET_GUEST_DEBUG,
     KVM_CAP_SET_IDENTITY_MAP_ADDR,
     KVM_CAP_SET_TSS_ADDR,
+    KVM_CAP_SIGNAL_MSI,
     KVM_CAP_SYNC_MMU,
     KVM_CAP_SYNC_REGS,
+    KVM_CAP_TSC_DEADLINE_TIMER,
     KVM_CAP_USER_NMI,
     KVM_CAP_VCPU_EVENTS,
     KVM_CREATE_IRQCHIP,
@@ -78,6 +89,7 @@ from kvmlab.uapi import (
     KVM_GET_CPUID2,
     KVM_GET_FPU,
     KVM_GET_IRQCHIP,
+    KVM_GET_LAPIC,
     KVM_GET_MSR_INDEX_LIST,
     KVM_GET_MSRS,
     KVM_GET_REGS,
@@ -96,6 +108,7 @@ from kvmlab.uapi import (
     KVM_INTERRUPT,
     KVM_IRQ_LINE,
     KVM_IRQ_LINE_STATUS,
+    KVM_MAX_IRQ_ROUTES,
     KVM_MP_STATE_AP_RESET_HOLD,
     KVM_MP_STATE_HALTED,
     KVM_MP_STATE_INIT_RECEIVED,
@@ -107,9 +120,11 @@ from kvmlab.uapi import (
     KVM_PIO_PAGE_OFFSET,
     KVM_SET_CPUID2,
     KVM_SET_FPU,
+    KVM_SET_GSI_ROUTING,
     KVM_SET_GUEST_DEBUG,
     KVM_SET_IDENTITY_MAP_ADDR,
     KVM_SET_IRQCHIP,
+    KVM_SET_LAPIC,
     KVM_SET_MP_STATE,
     KVM_SET_MSRS,
     KVM_SET_REGS,
@@ -117,6 +132,7 @@ from kvmlab.uapi import (
     KVM_SET_TSC_KHZ,
     KVM_SET_TSS_ADDR,
     KVM_SET_VCPU_EVENTS,
+    KVM_SIGNAL_MSI,
     KVM_SYNC_X86_EVENTS,
     KVM_SYNC_X86_REGS,
     KVM_SYNC_X86_SREGS,
@@ -221,8 +237,10 @@ class KvmVcpuArch:
     pio_size: int = 0
     pio_next_rip: int = 0
     rep_prefixes: bytes = b""
-    sipi_pending: bool = False  # KVM_APIC_SIPI in apic->pending_events
+    apic: x86_lapic.KvmLapic | None = None  # the in-kernel local APIC (KVM_CREATE_IRQCHIP)
     halt_wait: threading.Condition = field(default_factory=threading.Condition)
+    # the emulator's read buffer (ctxt->mem_read): what a load no device answers gets
+    mmio_read_buffer: bytearray = field(default_factory=lambda: bytearray(8))
 
     def guest_has_rdtscp(self) -> bool:
         found = self.cpuid.find(0x8000_0001, 0)
@@ -244,12 +262,23 @@ class KvmVcpuArch:
         cpu.set_sregs(sregs)
         return True
 
-    def set_apic_base(self, value: int) -> bool:
-        if not kvm_set_apic_base_valid(value):
+    def set_apic_base(self, vcpu: KvmVcpu, value: int, host: bool) -> bool:
+        """kvm_apic_set_base: reserved bits (x2APIC only if the guest's CPUID has it), the
+        invalid mode, and from the guest no x2APIC -> xAPIC or disabled -> x2APIC step."""
+        if value == self.apic_base:
+            return True
+        if not kvm_set_apic_base_valid(value, self.guest_has_x2apic()):
             return False
-        self.apic_base = value
+        old_mode, new_mode = apic_mode(self.apic_base), apic_mode(value)
+        if not host and (old_mode, new_mode) in (("x2apic", "xapic"), ("disabled", "x2apic")):
+            return False
+        x86_lapic.kvm_lapic_set_base(vcpu, value)
         self.update_cpuid_runtime()
         return True
+
+    def guest_has_x2apic(self) -> bool:
+        found = self.cpuid.find(1, 0)
+        return found is not None and bool(found[2] & (1 << 21))
 
     def update_cpuid_runtime(self) -> None:
         sregs = kvm_sregs()
@@ -269,6 +298,7 @@ class KvmArchVm:
     ept_identity_map_addr: int = VMX_IDENTITY_MAP_DEFAULT
     default_tsc_khz: int = 0
     irqchip: x86_irq.KvmIrqchip | None = None  # vpic, vioapic, routing (KVM_CREATE_IRQCHIP)
+    vpit: Any = None  # the in-kernel 8254 (KVM_CREATE_PIT2)
 
 
 def kvm_rip_read(vcpu: KvmVcpu) -> int:
@@ -302,8 +332,17 @@ def kvm_arch_init_vm(kvm: Kvm, type_: int) -> None:
     kvm.arch = KvmArchVm(default_tsc_khz=host_tsc_khz())
 
 
+def apic_mode(apic_base: int) -> str:
+    """kvm_apic_mode: disabled, xAPIC, x2APIC (or the invalid x2APIC-without-enable)."""
+    enabled, x2 = apic_base & MSR_IA32_APICBASE_ENABLE, apic_base & X2APIC_ENABLE
+    return {(0, 0): "disabled", (1, 0): "xapic", (1, 1): "x2apic"}.get(
+        (int(bool(enabled)), int(bool(x2))), "invalid"
+    )
+
+
 def kvm_arch_destroy_vm(kvm: Kvm) -> None:
-    """Nothing arch-wide to free: the vCPUs' engines go with kvm_arch_vcpu_destroy."""
+    """Stop the in-kernel timers; the vCPUs' engines go with kvm_arch_vcpu_destroy."""
+    x86_i8254.kvm_free_pit(kvm)
 
 
 def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
@@ -322,6 +361,12 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
         return 1
     if cap in (KVM_CAP_GET_TSC_KHZ, KVM_CAP_IRQCHIP, KVM_CAP_IRQ_INJECT_STATUS):
         return 1
+    if cap in (KVM_CAP_TSC_DEADLINE_TIMER, KVM_CAP_SIGNAL_MSI):
+        return 1
+    if cap in (KVM_CAP_PIT, KVM_CAP_PIT2, KVM_CAP_PIT_STATE2):
+        return 1
+    if cap == KVM_CAP_IRQ_ROUTING:
+        return KVM_MAX_IRQ_ROUTES
     if cap == KVM_CAP_SYNC_REGS:
         return KVM_SYNC_X86_VALID_FIELDS
     if cap == KVM_CAP_NR_VCPUS:
@@ -343,10 +388,17 @@ def kvm_arch_dev_ioctl(cmd: int, arg: int) -> int:
 
 
 def kvm_arch_vm_ioctl(kvm: Kvm, cmd: int, arg: int) -> int:
+    r = x86_i8254.kvm_arch_vm_ioctl_pit(kvm, cmd, arg)
+    if r is not None:
+        return r
     if cmd == KVM_CREATE_IRQCHIP:
         return x86_irq.kvm_vm_ioctl_create_irqchip(kvm)
     if cmd in (KVM_IRQ_LINE, KVM_IRQ_LINE_STATUS):
         return x86_irq.kvm_vm_ioctl_irq_line(kvm, arg, cmd == KVM_IRQ_LINE_STATUS)
+    if cmd == KVM_SET_GSI_ROUTING:
+        return x86_irq.kvm_vm_ioctl_set_gsi_routing(kvm, arg)
+    if cmd == KVM_SIGNAL_MSI:
+        return x86_irq.kvm_send_userspace_msi(kvm, arg)
     if cmd == KVM_GET_IRQCHIP:
         return x86_irq.kvm_vm_ioctl_get_irqchip(kvm, arg)
     if cmd == KVM_SET_IRQCHIP:
@@ -424,12 +476,19 @@ def kvm_arch_vcpu_create(vcpu: KvmVcpu) -> None:
     arch.msrs.last_tsc_write = (0, host_tsc())  # kvm_synchronize_tsc(vcpu, 0) at creation
     cpuid = arch.cpuid
     arch.hw.cpuid = lambda function, index: kvm_cpuid(cpuid, function, index)
+    if x86_irq.irqchip_in_kernel(vcpu.kvm):
+        x86_lapic.kvm_create_lapic(vcpu)
     kvm_vcpu_reset(vcpu, init_event=False)
+    bsp = vcpu.vcpu_id == 0  # kvm_vcpu_is_reset_bsp
+    # with the APICs in the kernel, an AP waits for INIT and SIPI
+    if arch.apic is not None and not bsp:
+        arch.mp_state = KVM_MP_STATE_UNINITIALIZED
 
 
 @traced()
 def kvm_arch_vcpu_destroy(vcpu: KvmVcpu) -> None:
     if vcpu.arch is not None:
+        x86_lapic.kvm_free_lapic(vcpu)
         vcpu.arch.hw.close()
 
 
@@ -451,9 +510,13 @@ def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
     arch.hw.cpu.set_sregs(sregs)
     fpu_reset(arch.hw.cpu)
     arch.cr8 = 0
-    arch.apic_base = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE
-    if vcpu.vcpu_id == 0:  # kvm_vcpu_is_reset_bsp
-        arch.apic_base |= MSR_IA32_APICBASE_BSP
+    if not init_event:  # INIT keeps the APIC base
+        arch.apic_base = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE
+        if vcpu.vcpu_id == 0:  # kvm_vcpu_is_reset_bsp
+            arch.apic_base |= MSR_IA32_APICBASE_BSP
+    if arch.apic is not None:
+        x86_lapic.kvm_lapic_reset(vcpu, init_event)
+    arch.nmi_pending, arch.interrupt, arch.exception = 0, None, None
     arch.mp_state = KVM_MP_STATE_RUNNABLE
 
 
@@ -483,6 +546,16 @@ def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, cmd: int, arg: int) -> int:
         return 0
     if cmd == KVM_SET_MP_STATE:
         kvm_arch_vcpu_ioctl_set_mpstate(vcpu, copy_struct_from_user(kvm_mp_state, arg))
+        return 0
+    if cmd == KVM_GET_LAPIC:
+        if vcpu.arch.apic is None:
+            fail(errno.EINVAL)
+        copy_to_user(arg, x86_lapic.kvm_apic_get_state(vcpu))
+        return 0
+    if cmd == KVM_SET_LAPIC:
+        if vcpu.arch.apic is None:
+            fail(errno.EINVAL)
+        x86_lapic.kvm_apic_set_state(vcpu, copy_from_user(arg, KVM_APIC_REG_SIZE))
         return 0
     if cmd == KVM_NMI:  # kvm_inject_nmi, then process_nmi's limit
         arch = vcpu.arch
@@ -648,7 +721,7 @@ def kvm_arch_vcpu_ioctl_get_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
     arch = vcpu.arch
     kvm_register_flush(vcpu)
     arch.hw.cpu.get_sregs(sregs)
-    sregs.cr8 = arch.cr8
+    sregs.cr8 = kvm_get_cr8(vcpu)
     sregs.apic_base = arch.apic_base
     if arch.interrupt is not None:  # a KVM_INTERRUPT vector not yet injected
         sregs.interrupt_bitmap[arch.interrupt // 64] |= 1 << (arch.interrupt % 64)
@@ -679,10 +752,29 @@ def kvm_is_valid_sregs(sregs: kvm_sregs) -> bool:
     return kvm_is_valid_cr4(sregs.cr4) and kvm_is_valid_cr0(sregs.cr0)
 
 
-def kvm_set_apic_base_valid(value: int) -> bool:
-    """kvm_set_apic_base's checks: reserved bits, and x2APIC (not offered) or the invalid mode."""
-    reserved = (~((1 << DEFAULT_MAXPHYADDR) - 1) & (2**64 - 1)) | 0x2FF | X2APIC_ENABLE
-    return not value & reserved
+def kvm_set_apic_base_valid(value: int, x2apic: bool) -> bool:
+    """kvm_apic_set_base's checks: reserved bits (the x2APIC bit too unless the guest's CPUID
+    has x2APIC), and not the invalid mode (x2APIC without the enable bit)."""
+    reserved = (~((1 << DEFAULT_MAXPHYADDR) - 1) & (2**64 - 1)) | 0x2FF
+    if not x2apic:
+        reserved |= X2APIC_ENABLE
+    return not value & reserved and apic_mode(value) != "invalid"
+
+
+def kvm_set_cr8(vcpu: KvmVcpu, cr8: int) -> None:
+    """CR8 is the APIC's task priority (TPR bits 7:4) when the APIC is in the kernel."""
+    apic = vcpu.arch.apic
+    if apic is None:
+        vcpu.arch.cr8 = cr8
+        return
+    x86_lapic.kvm_lapic_reg_write(apic, x86_lapic.APIC_TASKPRI, (cr8 & 15) << 4)
+
+
+def kvm_get_cr8(vcpu: KvmVcpu) -> int:
+    apic = vcpu.arch.apic
+    if apic is None:
+        return int(vcpu.arch.cr8)
+    return (apic.get(x86_lapic.APIC_TASKPRI) & 0xF0) >> 4
 
 
 @traced(args=lambda vcpu, s: {"cr0": s.cr0, "efer": s.efer})
@@ -691,11 +783,11 @@ def kvm_arch_vcpu_ioctl_set_sregs(vcpu: KvmVcpu, sregs: kvm_sregs) -> None:
     arch = vcpu.arch
     if not kvm_is_valid_sregs(sregs):
         fail(errno.EINVAL)
-    if not kvm_set_apic_base_valid(sregs.apic_base):
+    if not kvm_set_apic_base_valid(sregs.apic_base, arch.guest_has_x2apic()):
         fail(errno.EINVAL)
-    arch.apic_base = sregs.apic_base
+    x86_lapic.kvm_lapic_set_base(vcpu, sregs.apic_base)
     if not sregs.cr8 & CR8_RESERVED_BITS:
-        arch.cr8 = sregs.cr8
+        kvm_set_cr8(vcpu, sregs.cr8)
     for name in SEGMENT_NAMES:
         vmx_fixup_segment(getattr(sregs, name), name)
     kvm_register_flush(vcpu)
@@ -744,21 +836,29 @@ def kvm_arch_vcpu_ioctl_set_mpstate(vcpu: KvmVcpu, mp: kvm_mp_state) -> None:
         fail(errno.EINVAL)
     arch = vcpu.arch
     if state == KVM_MP_STATE_SIPI_RECEIVED:
-        arch.mp_state, arch.sipi_pending = KVM_MP_STATE_INIT_RECEIVED, True
+        assert arch.apic is not None
+        arch.mp_state, arch.apic.pending_sipi = KVM_MP_STATE_INIT_RECEIVED, True
     else:
         arch.mp_state = state
 
 
 @traced()
 def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
-    """A SIPI to a vCPU waiting for one: it starts in real mode at the SIPI vector (0 here:
-    no APIC sends one yet, so only KVM_SET_MP_STATE's SIPI_RECEIVED gets this far)."""
+    """Events the APIC holds for the vCPU: INIT resets it (an AP then waits for a SIPI, the
+    BSP runs on); a SIPI starts a waiting AP in real mode at the vector's page."""
     arch = vcpu.arch
-    if not arch.sipi_pending:
+    apic = arch.apic
+    if apic is None or not (apic.pending_init or apic.pending_sipi):
         return
-    arch.sipi_pending = False
-    if arch.mp_state == KVM_MP_STATE_INIT_RECEIVED:
-        kvm_vcpu_deliver_sipi_vector(vcpu, 0)
+    with apic.lock:
+        init, sipi, vector = apic.pending_init, apic.pending_sipi, apic.sipi_vector
+        apic.pending_init = apic.pending_sipi = False
+    if init:
+        kvm_vcpu_reset(vcpu, init_event=True)
+        bsp = arch.apic_base & MSR_IA32_APICBASE_BSP
+        arch.mp_state = KVM_MP_STATE_RUNNABLE if bsp else KVM_MP_STATE_INIT_RECEIVED
+    if sipi and arch.mp_state == KVM_MP_STATE_INIT_RECEIVED:
+        kvm_vcpu_deliver_sipi_vector(vcpu, vector)
         arch.mp_state = KVM_MP_STATE_RUNNABLE
 
 
@@ -839,7 +939,9 @@ def kvm_run_uninitialized(vcpu: KvmVcpu) -> None:
 def kvm_arch_vcpu_runnable(vcpu: KvmVcpu) -> bool:
     """Running, or an event that ends a halt: an NMI, a SIPI, an interrupt IF lets in."""
     arch = vcpu.arch
-    if arch.mp_state == KVM_MP_STATE_RUNNABLE or arch.nmi_pending or arch.sipi_pending:
+    if arch.mp_state == KVM_MP_STATE_RUNNABLE or arch.nmi_pending:
+        return True
+    if x86_lapic.kvm_apic_has_pending_init_or_sipi(vcpu):
         return True
     return bool(arch.rflags & X86_RFLAGS_IF) and x86_irq.kvm_cpu_has_interrupt(vcpu)
 
@@ -1235,6 +1337,14 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     arch = vcpu.arch
     m = arch.hw.mmio
     run: Any = vcpu.run
+    handled = kernel_mmio(vcpu, m.gpa, m.size, m.is_write, bytes(m.data[: m.size]))
+    if handled is not None:
+        return handled
+    single_store = m.is_write and arch.hw.rep_string_at(arch.hw.mmio_insn_rip) is None
+    if single_store and eventfd.kvm_io_bus_write(
+        vcpu.kvm, eventfd.KVM_MMIO_BUS, m.gpa, bytes(m.data[: m.size])
+    ):
+        return 1  # an ioeventfd took the store: no exit
     vcpu.stat.mmio_exits += 1
     run.exit_reason = KVM_EXIT_MMIO
     run.mmio.phys_addr = m.gpa
@@ -1252,14 +1362,40 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     return 0
 
 
+def kernel_mmio(vcpu: KvmVcpu, gpa: int, size: int, is_write: bool, data: bytes) -> int | None:
+    """vcpu_mmio_read/write: the local APIC's page and the IOAPIC's window are answered in
+    the kernel, with no exit (None: no in-kernel device there). A load is finished at once
+    with the device's bytes."""
+    page = x86_lapic.apic_base_page(vcpu)
+    chip = vcpu.kvm.arch.irqchip
+    if page is not None and page <= gpa < page + x86_lapic.LAPIC_MMIO_LENGTH:
+        if is_write:
+            x86_lapic.apic_mmio_write(vcpu, gpa, data)
+            return 1
+        value = x86_lapic.apic_mmio_read(vcpu, gpa, size)
+        if value is None:  # not a readable register: the bytes of the last emulated read
+            value = bytes(vcpu.arch.mmio_read_buffer[:size])
+    elif chip is not None and x86_ioapic.ioapic_in_range(chip.vioapic, gpa):
+        if is_write:
+            x86_ioapic.ioapic_mmio_write(chip.vioapic, gpa, data)
+            return 1
+        value = x86_ioapic.ioapic_mmio_read(chip.vioapic, gpa, size)
+    else:
+        return None
+    return complete_emulated_mmio(vcpu, value)
+
+
 @traced()
-def complete_emulated_mmio(vcpu: KvmVcpu) -> int:
+def complete_emulated_mmio(vcpu: KvmVcpu, data: bytes | None = None) -> int:
     """Finish the instruction that waits for userspace's bytes, before anything else runs
     (so immediate_exit still sees it done); it may exit again (a second read, a store)."""
     arch = vcpu.arch
     run: Any = vcpu.run
     hw = arch.hw
-    hw.mmio_complete_read(bytes(run.mmio.data))
+    if data is None:
+        data = bytes(run.mmio.data[: hw.mmio.size])
+    arch.mmio_read_buffer[: len(data)] = data
+    hw.mmio_complete_read(data)
     kvm_register_flush(vcpu)
     guest_lock = vcpu.kvm.guest_lock
     guest_lock.acquire(vcpu)
@@ -1394,7 +1530,7 @@ def post_kvm_run_save(vcpu: KvmVcpu) -> None:
     if_flag = bool(arch.rflags & X86_RFLAGS_IF)
     ready = kvm_vcpu_ready_for_interrupt_injection(vcpu) if if_flag else False
     ready = ready or x86_irq.pic_in_kernel(vcpu.kvm)
-    _RUN_OUT.pack_into(vcpu.run_map, 12, ready, if_flag, 0, arch.cr8, arch.apic_base)
+    _RUN_OUT.pack_into(vcpu.run_map, 12, ready, if_flag, 0, kvm_get_cr8(vcpu), arch.apic_base)
 
 
 def kvm_vcpu_ready_for_interrupt_injection(vcpu: KvmVcpu) -> bool:
@@ -1425,6 +1561,8 @@ class X86:
     kvm_arch_vcpu_ioctl = staticmethod(kvm_arch_vcpu_ioctl)
     kvm_arch_vcpu_ioctl_run = staticmethod(kvm_arch_vcpu_ioctl_run)
     kvm_arch_vcpu_ioctl_get_mpstate = staticmethod(kvm_arch_vcpu_ioctl_get_mpstate)
+    kvm_arch_irqfd_allowed = staticmethod(x86_irq.irqchip_in_kernel)
+    kvm_set_irq = staticmethod(x86_irq.kvm_set_irq)
 
 
 # --- module load and unload -------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""The in-kernel PIT's timer on the simulator alone: what no host comparison can show.
+
+Its thread comes with the first timer and goes with the VM; every expiry pulses GSI 0 even
+when the guest never acknowledges (KVM's reinject mode would hold back); a short periodic
+count is limited as KVM limits it; a late periodic timer skips the periods it missed; in
+HPET legacy mode channel 0 gets no timer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from kvmlab import sys as k
+from kvmlab.kernel import fs, trace
+from kvmlab.kernel.arch.x86 import i8254
+from kvmlab.uapi import (
+    KVM_CREATE_IRQCHIP,
+    KVM_CREATE_PIT2,
+    KVM_CREATE_VM,
+    KVM_GET_IRQCHIP,
+    KVM_PIT_FLAGS_HPET_LEGACY,
+    KVM_SET_PIT2,
+    kvm_irqchip,
+    kvm_pit_config,
+    kvm_pit_state2,
+)
+
+PIT_THREAD = f"kvm-pit/{os.getpid()}"
+
+
+@contextmanager
+def vm_with_pit() -> Iterator[tuple[int, i8254.KvmPit]]:
+    """A VM (no vCPU) with the irqchip and a PIT; closed, and so destroyed, at the end."""
+    kvm_fd = k.open("/dev/kvm", os.O_RDWR)
+    vm_fd = k.ioctl(kvm_fd, KVM_CREATE_VM, 0)
+    try:
+        k.ioctl(vm_fd, KVM_CREATE_IRQCHIP, 0)
+        k.ioctl(vm_fd, KVM_CREATE_PIT2, kvm_pit_config())
+        file = fs.fdget(vm_fd)
+        assert file is not None
+        yield vm_fd, file.private_data.arch.vpit
+    finally:
+        k.close(vm_fd)
+        k.close(kvm_fd)
+
+
+def program_channel_0(vm_fd: int, mode: int, count: int) -> None:
+    """KVM_SET_PIT2 with channel 0 in `mode` and `count`, the others as at reset."""
+    state = kvm_pit_state2()
+    state.channels[0].mode, state.channels[0].count = mode, count
+    for c in state.channels[1:]:
+        c.mode, c.count = 0xFF, 0x10000
+    k.ioctl(vm_fd, KVM_SET_PIT2, state)
+
+
+def pit_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == PIT_THREAD]
+
+
+def master_pic(vm_fd: int) -> kvm_irqchip:
+    chip = kvm_irqchip(chip_id=0)
+    k.ioctl(vm_fd, KVM_GET_IRQCHIP, chip)
+    return chip
+
+
+def test_the_timer_thread_starts_with_the_first_timer_and_ends_with_the_vm() -> None:
+    before = set(pit_threads())  # other VMs' PITs, if any are open
+    with vm_with_pit() as (vm_fd, pit):
+        assert set(pit_threads()) == before  # mode 0xff at reset: no timer, no thread yet
+        program_channel_0(vm_fd, 2, 2)  # the shortest period there is
+        (thread,) = set(pit_threads()) - before
+        assert thread.daemon and pit.timer.active()
+    assert not thread.is_alive()  # closing the VM fd destroyed the VM, and joined the thread
+
+
+def test_every_expiry_pulses_gsi_0_even_if_the_guest_never_acknowledges() -> None:
+    """KVM (reinject mode) would pulse once, then wait for the PIC to report an EOI."""
+    with trace.recording() as rec, vm_with_pit() as (vm_fd, _):
+        program_channel_0(vm_fd, 2, 1193)  # about 1 kHz
+        deadline = time.monotonic() + 5
+        while len(pulses := [e for e in rec.calls() if e == "pit_do_work"]) < 3:
+            assert time.monotonic() < deadline, pulses
+            time.sleep(0.005)
+        pic = master_pic(vm_fd).chip.pic
+    assert pic.irr & 1 and not pic.isr & 1  # IRQ 0 requested, never taken
+
+
+def test_a_short_periodic_count_is_limited_to_min_timer_period_us() -> None:
+    with vm_with_pit() as (vm_fd, pit):
+        program_channel_0(vm_fd, 0, 2)  # one-shot: not limited
+        assert (pit.period, pit.is_periodic) == (2 * 10**9 // 1_193_182, False)
+        program_channel_0(vm_fd, 3, 2)
+        assert (pit.period, pit.is_periodic) == (i8254.MIN_TIMER_PERIOD_US * 1000, True)
+
+
+def test_a_late_periodic_timer_skips_the_periods_it_missed() -> None:
+    with vm_with_pit() as (_, pit), pit.lock:
+        pit.period, pit.is_periodic = 1_000_000, True
+        now = i8254.ktime_get()
+        missed = now - 10_500_000  # ten and a half periods late
+        pit.timer.expires = lambda: missed  # type: ignore[method-assign]
+        restart = i8254.pit_timer_fn(pit)
+        assert restart is not None and now < restart <= i8254.ktime_get() + pit.period
+        assert (restart - missed) % pit.period == 0
+
+
+def test_hpet_legacy_mode_keeps_channel_0_without_a_timer() -> None:
+    with vm_with_pit() as (vm_fd, pit):
+        state = kvm_pit_state2(flags=KVM_PIT_FLAGS_HPET_LEGACY)  # the HPET drives IRQ 0
+        state.channels[0].mode, state.channels[0].count = 2, 1193
+        k.ioctl(vm_fd, KVM_SET_PIT2, state)
+        assert not pit.timer.active() and pit.period == 0

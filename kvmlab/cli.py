@@ -127,17 +127,30 @@ def _guest_code(path: str, mode: str, entry: int) -> bytes:
 
 def _machine(args: argparse.Namespace, k: ModuleType) -> Machine:
     """A machine with GUEST booted: a file (.asm or flat .bin), or a sample guest by name,
-    which brings its own CPU mode, vCPUs, devices and typed input."""
+    which brings its own CPU mode, vCPUs, devices, typed input and (unless --irqchip says)
+    the place of its interrupt controllers."""
     from kvmlab.guests import SAMPLES
     from kvmlab.vmm import Machine
 
     if not os.path.exists(args.guest) and args.guest in SAMPLES:
-        sample = SAMPLES[args.guest].machine(k)
+        try:
+            sample = SAMPLES[args.guest].machine(k, irqchip=args.irqchip)
+        except ValueError as e:  # a sample that cannot run with this irqchip
+            raise SystemExit(f"kvmlab: {e}") from None
+        except (OSError, RuntimeError) as e:
+            raise SystemExit(f"kvmlab: cannot create the VM: {e}") from None
         assert isinstance(sample, Machine)  # the x86 samples boot on the PC
         return sample
     code = _guest_code(args.guest, args.mode, args.entry)
-    m = Machine(k)
-    m.boot(code, mode=args.mode, entry=args.entry)
+    try:
+        m = Machine(k, irqchip=args.irqchip or "user")
+    except (OSError, RuntimeError) as e:  # KVM lacks what the irqchip needs
+        raise SystemExit(f"kvmlab: cannot create the VM: {e}") from None
+    try:
+        m.boot(code, mode=args.mode, entry=args.entry)
+    except BaseException:
+        m.close()
+        raise
     return m
 
 
@@ -239,13 +252,21 @@ def run_kernel(args: argparse.Namespace, out: Any = None, err: Any = None) -> in
     max_exits = args.max_exits or KERNEL_MAX_EXITS
     try:
         pc = pc_boot_kernel(
-            image, k, name=args.kernel, cmdline=args.append, cpus=args.smp, ram_size=args.mem << 20
+            image,
+            k,
+            name=args.kernel,
+            cmdline=args.append,
+            cpus=args.smp,
+            ram_size=args.mem << 20,
+            irqchip=args.irqchip or "user",
         )
     except ValueError as e:  # MultibootError, or a bad --smp/--mem
         what = "" if isinstance(e, MultibootError) else "bad machine: "
         raise SystemExit(f"kvmlab: {args.kernel}: {what}{e}") from None
     except OSError as e:  # KVM refused the VM (too many vCPUs, too much RAM)
         raise SystemExit(f"kvmlab: cannot create the VM: {e.strerror or e}") from None
+    except RuntimeError as e:  # KVM lacks what the irqchip needs
+        raise SystemExit(f"kvmlab: cannot create the VM: {e}") from None
 
     def show(data: bytes) -> None:
         out.write(data.decode(errors="replace"))
@@ -334,6 +355,12 @@ def _main(argv: list[str] | None) -> int:
     run.add_argument("--mem", type=int, default=PC_RAM_MB, metavar="MB", help="RAM (--kernel)")
     run.add_argument("--mode", choices=tuple(ASM_MODES), default="real")
     run.add_argument("--backend", choices=("sim", "host"), default="sim")
+    run.add_argument(
+        "--irqchip",
+        choices=("user", "kernel"),
+        help="where the PIC, PIT and APICs are: the VMM (user: KVM_INTERRUPT, HLT exits) or "
+        "KVM (kernel: KVM_CREATE_IRQCHIP, KVM_IRQ_LINE); default: user, or a sample's own",
+    )
     run.add_argument("--entry", type=lambda v: int(v, 0), default=0x1000)
     run.add_argument("--trace", action="store_true", help="print the kernel's call path")
     run.add_argument("--max-exits", type=int, help="default: 10,000 (guest), 1,000,000 (kernel)")

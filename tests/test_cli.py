@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_backend
 
 from kvmlab.cli import main
 
@@ -110,3 +111,38 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path: 
         err = proc.stderr.read().decode()
         proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def exit_table(stdout: str) -> list[list[str]]:
+    """The rows of `kvmlab run`'s exit table: seq, exit, rip, where, dir, data."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["seq", "exit"])
+    return [line.split() for line in lines[header + 1 :] if line.split()[:1] != []]
+
+
+@pytest.mark.parametrize("backend", ["sim", pytest.param("host", marks=pytest.mark.host)])
+def test_run_irqchip_kernel_keeps_hlt_and_the_pic_out_of_the_exit_table(backend: str) -> None:
+    if backend == "host":
+        load_backend("host")  # skips without a usable /dev/kvm
+    tables = {}
+    for irqchip in ("user", "kernel"):
+        done = kvmlab("run", "timer", "--irqchip", irqchip, "--backend", backend)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith("..........\n10 ticks\n")
+        tables[irqchip] = exit_table(done.stdout)
+    user_ports = {int(row[3], 16) for row in tables["user"] if row[1] == "IO"}
+    kernel_ports = {int(row[3], 16) for row in tables["kernel"] if row[1] == "IO"}
+    assert "HLT" in {row[1] for row in tables["user"]} and {0x20, 0x43} <= user_ports
+    assert {row[1] for row in tables["kernel"]} <= {"IO", "INTR"}  # HLT stays in KVM
+    assert kernel_ports == {0x80, 0x3F8}  # the PIC and PIT ports never exit
+
+
+def test_run_refuses_the_sipi_sample_with_the_irqchip_in_userspace() -> None:
+    done = kvmlab("run", "smp-sipi", "--irqchip", "user")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "INIT and SIPI" in done.stderr and "--irqchip kernel" in done.stderr
+
+
+def test_run_rejects_an_unknown_irqchip() -> None:
+    done = kvmlab("run", "timer", "--irqchip", "split")
+    assert done.returncode == 2 and "invalid choice: 'split'" in done.stderr

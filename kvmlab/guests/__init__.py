@@ -10,6 +10,8 @@ be installed; a test checks that the two never drift apart. Boot one on a Machin
         guest.run(m)
         print(m.serial.text())
 
+x86 samples run with the irqchip in userspace or in the kernel (`guest.machine(k,
+irqchip="kernel")`); `smp-sipi` needs the kernel's, whose local APICs carry its INIT and SIPI.
 The arm64 samples (`ARM64_SAMPLES`, sources in `arm64/`) boot the same way on the `virt`
 board over the simulated arm64 /dev/kvm (`kvmlab.sys_arm64`).
 """
@@ -21,6 +23,7 @@ from importlib import resources
 from types import ModuleType
 
 from kvmlab.vmm import Machine, ScratchDevice
+from kvmlab.vmm.hw.fw_cfg import FW_CFG_IO_BASE, FW_CFG_IO_SIZE, FW_CFG_NB_CPUS, FwCfgIo
 from kvmlab.vmm.machine import MachineState
 from kvmlab.vmm.virt import VIRT_MEM, Virt
 
@@ -39,6 +42,8 @@ class SampleGuest:
     serial_input: bytes = b""  # typed on COM1 before the guest starts
     mmio_scratch: bool = False  # a ScratchDevice at MMIO_SCRATCH_BASE
     arch: str = "x86"  # "x86" (the PC Machine) or "arm64" (the virt board), as kvmlab.asm
+    fw_cfg: bool = False  # fw_cfg at 0x510, with the vCPU count (FW_CFG_NB_CPUS)
+    sipi: bool = False  # only vCPU 0 boots; the guest starts the others with INIT and SIPI
 
     @property
     def file(self) -> str:
@@ -70,11 +75,28 @@ class SampleGuest:
     def asm_mode(self) -> str:
         return {"real": "16", "protected": "32", "long": "64", "aarch64": "64"}[self.mode]
 
-    def machine(self, k: ModuleType | None = None) -> MachineState:
+    @property
+    def irqchip(self) -> str:
+        """Where the x86 sample's interrupt controllers are unless told: "kernel" for a
+        sample that starts its APs with INIT and SIPI, else "user"."""
+        return "kernel" if self.sipi else "user"
+
+    def machine(
+        self, k: ModuleType | None = None, *, irqchip: str | None = None, cpus: int | None = None
+    ) -> MachineState:
         """A board on the syscall face `k` with this guest booted and its devices added:
-        the PC `Machine` for x86, `Virt` for arm64 (default face: `kvmlab.sys_arm64`)."""
+        the PC `Machine` for x86, `Virt` for arm64 (default face: `kvmlab.sys_arm64`).
+
+        `irqchip` ("user" or "kernel", x86 only; default: the sample's own) and `cpus` (default:
+        the sample's) change the board. A sample whose APs wait for INIT and SIPI is refused
+        with the irqchip in userspace (ValueError): no vCPU has a local APIC to send them.
+        """
+        irqchip = irqchip or self.irqchip
+        cpus = cpus or self.cpus
         if self.arch == "arm64":
-            virt = Virt(k, cpus=self.cpus)
+            if irqchip != "user":
+                raise ValueError(f"{self.name}: the arm64 board has no in-kernel irqchip")
+            virt = Virt(k, cpus=cpus)
             try:
                 virt.boot(self.code, self.base)
                 virt.serial.feed(self.serial_input)
@@ -82,11 +104,20 @@ class SampleGuest:
                 virt.close()
                 raise
             return virt
-        m = Machine(k, cpus=self.cpus)
+        if self.sipi and irqchip != "kernel":
+            raise ValueError(
+                f"{self.name}: its BSP starts the other vCPUs with INIT and SIPI through its "
+                "local APIC, and with the irqchip in userspace no vCPU has one (kvmlab's VMM "
+                "models no APIC): run it with irqchip='kernel' (kvmlab run --irqchip kernel)"
+            )
+        m = Machine(k, cpus=cpus, irqchip=irqchip)
         try:
             if self.mmio_scratch:
                 m.mmio.register(MMIO_SCRATCH_BASE, 0x100, ScratchDevice())
-            m.boot(self.code, self.mode, self.base)
+            if self.fw_cfg:
+                fw_cfg = m.io.register(FW_CFG_IO_BASE, FW_CFG_IO_SIZE, FwCfgIo())
+                fw_cfg.fw_cfg_add_i16(FW_CFG_NB_CPUS, cpus)
+            m.boot(self.code, self.mode, self.base, aps=not self.sipi)
             m.serial.feed(self.serial_input)
         except BaseException:
             m.close()
@@ -96,7 +127,7 @@ class SampleGuest:
     def run(self, m: MachineState, timeout: float = 10.0, max_exits: int = 100_000) -> bool:
         """Run until every vCPU halts for good or the machine stops; False if `timeout` (for
         several vCPUs, on their threads) or `max_exits` (one vCPU, on this thread) ran out."""
-        if self.cpus == 1:
+        if len(m.cpus) == 1:
             before = m.cpus[0].runs
             m.run(max_exits=max_exits)
             return m.cpus[0].runs - before < max_exits
@@ -123,6 +154,14 @@ SAMPLES = {
             mmio_scratch=True,
         ),
         SampleGuest("smp", "two vCPUs hand-shake over shared memory", "real", cpus=2),
+        SampleGuest(
+            "smp-sipi",
+            "the BSP starts the APs with INIT and SIPI (in-kernel irqchip)",
+            "real",
+            cpus=2,
+            fw_cfg=True,
+            sipi=True,
+        ),
     )
 }
 

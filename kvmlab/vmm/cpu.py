@@ -72,10 +72,12 @@ class CPUState:
     vcpu_dirty: bool = False  # regs/sregs are newer than KVM's: put them before KVM_RUN
     exit_request: bool = False  # leave kvm_cpu_exec at the next chance
     interrupt_request: int = 0  # CPU_INTERRUPT_HARD while an interrupt waits for injection
-    halted: bool = False  # executed HLT; waits for an interrupt
+    halted: bool = False  # executed HLT; waits for an interrupt (kernel irqchip: KVM's mp_state)
     if_flag: bool = False  # kvm_arch_post_run's copy of run->if_flag (env->eflags & IF)
     cr8: int = 0
     apic_base: int = 0
+    irqchip_in_kernel: bool = False  # KVM has its APIC: HLT and interrupts stay in the kernel
+    mp_state: int = 0  # KVM_MP_STATE_*, as KVM_GET_MP_STATE last said (env->mp_state)
     stop: bool = False  # asked to pause; becomes `stopped` in qemu_wait_io_event
     stopped: bool = False
     unplug: bool = False  # asked to end its thread

@@ -3,7 +3,10 @@
 `kvm_cpu_exec` (kvm_all.py) is architecture-neutral; around KVM_RUN it calls these hooks:
 `kvm_arch_pre_run` injects an interrupt (userspace irqchip: KVM_INTERRUPT) or asks for an
 interrupt window, `kvm_arch_post_run` reads back IF/CR8/APIC base, and `kvm_arch_handle_exit`
-takes the exits the generic switch does not know (HLT, DEBUG, EXCEPTION, FAIL_ENTRY).
+takes the exits the generic switch does not know (HLT, DEBUG, EXCEPTION, FAIL_ENTRY). With the
+irqchip in the kernel there is nothing to inject and no HLT exit: KVM's mp_state says whether
+a vCPU sleeps in HLT or waits for INIT/SIPI (`kvm_get_mp_state`, `kvm_put_mp_state`), and its
+local APIC's registers move with KVM_GET_LAPIC/KVM_SET_LAPIC (`kvm_get_apic`, `kvm_put_apic`).
 https://gitlab.com/qemu-project/qemu/-/blob/master/target/i386/kvm/kvm.c
 """
 
@@ -20,10 +23,15 @@ from kvmlab.uapi import (
     KVM_EXIT_EXCEPTION,
     KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_HLT,
+    KVM_GET_LAPIC,
+    KVM_GET_MP_STATE,
     KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_INTERRUPT,
+    KVM_MP_STATE_HALTED,
     KVM_SET_CPUID2,
+    KVM_SET_LAPIC,
+    KVM_SET_MP_STATE,
     KVM_SET_REGS,
     KVM_SET_SREGS,
     SEGMENT_NAMES,
@@ -31,6 +39,8 @@ from kvmlab.uapi import (
     X86_CR4_PAE,
     X86_EFER_LMA,
     kvm_interrupt,
+    kvm_lapic_state,
+    kvm_mp_state,
     kvm_regs,
     kvm_sregs,
 )
@@ -79,11 +89,42 @@ def kvm_arch_put_registers(cpu: CPUState) -> None:
     cpu.k.ioctl(cpu.kvm_fd, KVM_SET_REGS, cpu.regs)
 
 
+def kvm_get_mp_state(cpu: CPUState) -> None:
+    """KVM_GET_MP_STATE into cpu.mp_state; with the irqchip in the kernel it is also what
+    `halted` means (HLT sleeps in KVM, which only mp_state HALTED shows)."""
+    mp_state = kvm_mp_state()
+    cpu.k.ioctl(cpu.kvm_fd, KVM_GET_MP_STATE, mp_state)
+    cpu.mp_state = mp_state.mp_state
+    if cpu.irqchip_in_kernel:
+        cpu.halted = mp_state.mp_state == KVM_MP_STATE_HALTED
+
+
+def kvm_put_mp_state(cpu: CPUState) -> None:
+    """KVM_SET_MP_STATE from cpu.mp_state: RUNNABLE, or UNINITIALIZED for an application
+    processor that waits for INIT and SIPI (only with the irqchip in the kernel)."""
+    cpu.k.ioctl(cpu.kvm_fd, KVM_SET_MP_STATE, kvm_mp_state(cpu.mp_state))
+
+
+def kvm_get_apic(cpu: CPUState) -> bytes:
+    """KVM_GET_LAPIC: the vCPU's local APIC registers, as the 1 KiB page KVM keeps."""
+    state = kvm_lapic_state()
+    cpu.k.ioctl(cpu.kvm_fd, KVM_GET_LAPIC, state)
+    return bytes(state)
+
+
+def kvm_put_apic(cpu: CPUState, registers: bytes) -> None:
+    """KVM_SET_LAPIC: load the vCPU's local APIC registers (a page from kvm_get_apic)."""
+    cpu.k.ioctl(cpu.kvm_fd, KVM_SET_LAPIC, kvm_lapic_state.from_buffer_copy(registers))
+
+
 # --- around KVM_RUN ---------------------------------------------------------------------------
 
 
 def kvm_arch_process_async_events(cpu: CPUState) -> bool:
-    """A halted vCPU wakes only for an interrupt it can take; True means stay halted."""
+    """A halted vCPU wakes only for an interrupt it can take; True means stay halted. With
+    the irqchip in the kernel, KVM itself waits for that interrupt: always enter."""
+    if cpu.irqchip_in_kernel:
+        return False
     if cpu.interrupt_request & CPU_INTERRUPT_HARD and cpu.if_flag:
         cpu.halted = False
     return cpu.halted
@@ -94,8 +135,11 @@ def kvm_arch_pre_run(cpu: CPUState) -> None:
 
     Without an in-kernel irqchip, KVM_INTERRUPT queues the vector for the next entry without
     checking IF, so it may only be used when kvm_run says ready_for_interrupt_injection;
-    otherwise request_interrupt_window makes KVM exit with IRQ_WINDOW_OPEN once it is.
+    otherwise request_interrupt_window makes KVM exit with IRQ_WINDOW_OPEN once it is. With
+    the PIC in the kernel, KVM does all of this itself (QEMU: `if (!kvm_pic_in_kernel())`).
     """
+    if cpu.irqchip_in_kernel:
+        return
     run = cpu.kvm_run
     if (
         run.ready_for_interrupt_injection

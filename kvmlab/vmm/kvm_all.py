@@ -22,7 +22,10 @@ from kvmlab.uapi import (
     EXIT_REASON_NAMES,
     KVM_API_VERSION,
     KVM_CAP_IMMEDIATE_EXIT,
+    KVM_CAP_IRQ_INJECT_STATUS,
+    KVM_CAP_IRQCHIP,
     KVM_CHECK_EXTENSION,
+    KVM_CREATE_IRQCHIP,
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
     KVM_EXIT_INTERNAL_ERROR,
@@ -37,10 +40,13 @@ from kvmlab.uapi import (
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_IRQ_LINE,
+    KVM_IRQ_LINE_STATUS,
     KVM_RUN,
     KVM_SET_USER_MEMORY_REGION,
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_irq_level,
     kvm_run,
     kvm_run_mmio,
     kvm_userspace_memory_region,
@@ -71,10 +77,13 @@ class KVMState:
     fd: int
     vmfd: int
     vcpu_mmap_size: int
+    kernel_irqchip: bool = False  # KVM_CREATE_IRQCHIP done: QEMU's kvm_irqchip_in_kernel()
+    irq_set_ioctl: int = KVM_IRQ_LINE  # KVM_IRQ_LINE_STATUS where KVM reports delivery
 
 
-def kvm_init(k: Any) -> KVMState:
-    """Open /dev/kvm, check the API, create the VM (QEMU's kvm_init, the parts we need)."""
+def kvm_init(k: Any, kernel_irqchip: bool = False) -> KVMState:
+    """Open /dev/kvm, check the API, create the VM (QEMU's kvm_init, the parts we need) and,
+    with `kernel_irqchip`, its interrupt controllers in KVM before any vCPU exists."""
     fd = k.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     try:
         version = k.ioctl(fd, KVM_GET_API_VERSION, 0)
@@ -89,10 +98,40 @@ def kvm_init(k: Any) -> KVMState:
                 break
             except InterruptedError:
                 continue
-        return KVMState(k, fd, vmfd, k.ioctl(fd, KVM_GET_VCPU_MMAP_SIZE, 0))
+        s = KVMState(k, fd, vmfd, k.ioctl(fd, KVM_GET_VCPU_MMAP_SIZE, 0))
     except BaseException:
         k.close(fd)
         raise
+    if kernel_irqchip:
+        try:
+            kvm_irqchip_create(s)
+        except BaseException:
+            k.close(vmfd)
+            k.close(fd)
+            raise
+    return s
+
+
+def kvm_irqchip_create(s: KVMState) -> None:
+    """KVM_CREATE_IRQCHIP: the two 8259s, the IOAPIC and a local APIC for every vCPU created
+    after it, all in KVM. Devices then raise lines with kvm_set_irq, never KVM_INTERRUPT, and
+    HLT stays in the kernel (QEMU's kvm_irqchip_create; its KVM_SET_GSI_ROUTING is left out:
+    KVM's default routing, GSI n to PIC and IOAPIC pin n, is the PC's)."""
+    if not s.k.ioctl(s.fd, KVM_CHECK_EXTENSION, KVM_CAP_IRQCHIP):
+        raise RuntimeError("KVM lacks KVM_CAP_IRQCHIP: no in-kernel irqchip")
+    s.k.ioctl(s.vmfd, KVM_CREATE_IRQCHIP, 0)
+    s.kernel_irqchip = True
+    if s.k.ioctl(s.fd, KVM_CHECK_EXTENSION, KVM_CAP_IRQ_INJECT_STATUS):
+        s.irq_set_ioctl = KVM_IRQ_LINE_STATUS
+
+
+def kvm_set_irq(s: KVMState, irq: int, level: int) -> int:
+    """Set GSI `irq` to `level` in the in-kernel irqchip (KVM_IRQ_LINE). What KVM said: >0
+    delivered, 0 coalesced (already pending), <0 masked; always 1 without a status."""
+    event = kvm_irq_level(level=level)
+    event.irq = irq
+    s.k.ioctl(s.vmfd, s.irq_set_ioctl, event)
+    return 1 if s.irq_set_ioctl == KVM_IRQ_LINE else int(event.status)
 
 
 def kvm_set_user_memory_region(s: KVMState, slot: int, gpa: int, size: int, hva: int) -> None:
@@ -111,7 +150,9 @@ def kvm_init_vcpu(
     fd = s.k.ioctl(s.vmfd, KVM_CREATE_VCPU, index)
     run_map = s.k.mmap(fd, s.vcpu_mmap_size)
     run = cpu_class.kvm_run_type.from_buffer(run_map)
-    cpu = cpu_class(index, s.k, fd, run_map, run, board, **props)
+    cpu = cpu_class(
+        index, s.k, fd, run_map, run, board, irqchip_in_kernel=s.kernel_irqchip, **props
+    )
     kvm_arch(cpu).kvm_arch_init_vcpu(cpu)
     return cpu
 
@@ -236,6 +277,7 @@ def kvm_cpu_exec(cpu: CPUState, max_runs: int | None = None) -> int:
             ret = -1
             break
 
+        cpu.halted = False  # an exit: the guest ran (a halt in the kernel has ended)
         reason = run.exit_reason
         if reason == KVM_EXIT_IO:
             io = run.io

@@ -3,6 +3,11 @@
 `MachineState` is what every board shares (RAM, vCPU threads, the big lock, pause/stop/reset);
 `Machine` is the PC on top of it (`vmm.virt.Virt` is the arm64 board).
 
+The PC takes interrupts one of two ways, chosen with `irqchip`: "user" (the default), where
+the 8259s and the 8254 are models here and every interrupt is injected with KVM_INTERRUPT,
+or "kernel", where KVM has them (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2), devices raise lines
+with KVM_IRQ_LINE and HLT sleeps in the kernel, as QEMU runs almost every x86 guest.
+
 Two ways to run it:
 
 - synchronously, on the caller's thread: `machine.run(max_exits=...)` and `machine.step()`,
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Self
 
-from kvmlab.uapi import kvm_regs, kvm_sregs
+from kvmlab.uapi import KVM_MP_STATE_RUNNABLE, kvm_regs, kvm_sregs
 from kvmlab.vmm.boot import BOOT_STACK, setup_mode
 from kvmlab.vmm.cpu import (
     CPU_INTERRUPT_HARD,
@@ -45,9 +50,17 @@ from kvmlab.vmm.hw.debugcon import DEBUGCON_IOBASE, DebugCon
 from kvmlab.vmm.hw.debugexit import DEBUG_EXIT_IOBASE, DEBUG_EXIT_IOSIZE, DebugExit
 from kvmlab.vmm.hw.i8254 import I8254, PCSPK_IOBASE, PIT_IOBASE, PIT_IOSIZE, PIT_IRQ, PCSpk
 from kvmlab.vmm.hw.i8259 import I8259, PIC_ELCR_IOBASE, PIC_MASTER_IOBASE, PIC_SLAVE_IOBASE
+from kvmlab.vmm.hw.kvm import IO_APIC_DEFAULT_ADDRESS, KVMIOAPIC, KVMPic, KVMPit
+from kvmlab.vmm.hw.kvm.ioapic import IOAPIC_SPACE_SIZE
 from kvmlab.vmm.hw.post import POST_IOBASE, PostPort
 from kvmlab.vmm.hw.serial import Serial16550
-from kvmlab.vmm.i386 import kvm_arch_get_registers
+from kvmlab.vmm.i386 import (
+    kvm_arch_get_registers,
+    kvm_get_apic,
+    kvm_get_mp_state,
+    kvm_put_apic,
+    kvm_put_mp_state,
+)
 from kvmlab.vmm.kvm_all import (
     KVMState,
     cpu_exit,
@@ -67,6 +80,10 @@ log = logging.getLogger("kvmlab.vmm")
 DEFAULT_RAM_SIZE = 0x200000  # 2 MiB at guest-physical 0
 COM1_IOBASE, COM1_IRQ = 0x3F8, 4
 WAKE_INTERVAL = 0.05  # how often a waiting thread re-checks and re-kicks (seconds)
+HALT_CHECK_NS = 100_000_000  # kernel irqchip: a vCPU this long in KVM_RUN without an exit is
+# kicked out to read its mp_state (is it asleep in HLT?)
+IDLE_LIMIT_NS = 1_000_000_000  # ... and one asleep with IF set is looked at again this often
+IRQCHIP_MODES = ("user", "kernel")
 STATES = ("created", "running", "paused", "shutdown", "internal-error", "debug", "stopped")
 
 
@@ -94,6 +111,7 @@ class MachineState:
     """
 
     ram_base = 0  # guest-physical address of the board's RAM
+    kernel_irqchip = False  # KVM_CREATE_IRQCHIP at kvm_init: HLT stays in KVM (kvm_halt_in_kernel)
 
     def __init__(
         self,
@@ -120,8 +138,11 @@ class MachineState:
         self._threads: list[threading.Thread] = []
         self.timers = TimerList(self.bql)
         self.timers.start()
+        self._halt_check = self.timers.timer_new(self._kvm_halt_check)
+        self._runs_seen: dict[int, int] = {}  # vCPU -> its KVM_RUN count at the last check
+        self._asleep_since: dict[int, int] = {}  # vCPU -> when a look first found it in HLT
         kvm_init_cpu_signals()
-        self.kvm: KVMState | None = kvm_init(self.k)
+        self.kvm: KVMState | None = kvm_init(self.k, self.kernel_irqchip)
         try:
             self.ram = self.add_ram(self.ram_base, ram_size)
             for index in range(cpus):
@@ -261,6 +282,8 @@ class MachineState:
                     self._after_exec(c, r)
                     if r == EXCP_HLT and self._wait_for_work(c):
                         continue
+                    if r == EXCP_INTERRUPT and self._asleep_in_kernel(c):
+                        return EXCP_HLT
                     if r != EXCP_INTERRUPT or c.stop or c.unplug or self.state != "created":
                         return r
             finally:
@@ -294,6 +317,15 @@ class MachineState:
         woke = cpu.halt_cond.wait_for(lambda: self.cpu_has_work(cpu) or cpu.stop, limit)
         return woke and not cpu.stop
 
+    def _asleep_in_kernel(self, cpu: CPUState) -> bool:
+        """With HLT in the kernel, a synchronous run ends when a look finds the vCPU asleep
+        with IF clear (for good), or asleep without an exit for IDLE_LIMIT_NS (no interrupt
+        it could see came: run() gives up, as _wait_for_work does after its limit)."""
+        if not (self.kernel_irqchip and cpu.halted):
+            return False
+        since = self._asleep_since.get(cpu.cpu_index, self.timers.clock())
+        return not cpu.if_flag or self.timers.clock() - since >= IDLE_LIMIT_NS
+
     def _claim_for_sync_run(self, cpu: CPUState) -> None:
         if self._threads:
             raise RuntimeError("the vCPUs run on their threads: use pause()/resume()/wait()")
@@ -301,6 +333,7 @@ class MachineState:
             raise RuntimeError(f"the machine is {self.state}; reset() it to run again")
         cpu.stop = cpu.stopped = False
         cpu.thread_id = threading.get_ident()
+        self._arm_halt_check()
 
     def _release_sync_run(self, cpu: CPUState) -> None:
         cpu.thread_id = None
@@ -313,6 +346,43 @@ class MachineState:
             self.vm_stop("debug")  # QEMU hands this to the gdbstub
         elif r == EXCP_HLT:
             self.state_cond.notify_all()
+        elif r == EXCP_INTERRUPT and self.kernel_irqchip:
+            was_asleep = cpu.halted  # the last look's answer; any exit since cleared it
+            kvm_get_mp_state(cpu)  # kicked: is it asleep in HLT? (cpu_synchronize_state)
+            if not cpu.halted:
+                self._asleep_since.pop(cpu.cpu_index, None)
+            elif not was_asleep:
+                self._asleep_since[cpu.cpu_index] = self.timers.clock()
+            if cpu.halted:
+                self.state_cond.notify_all()
+
+    # --- HLT in the kernel: looking at a vCPU that sleeps in KVM_RUN ---------------------------
+
+    def _arm_halt_check(self) -> None:
+        if self.kernel_irqchip:
+            self._halt_check.timer_mod(self.timers.clock() + HALT_CHECK_NS)
+
+    def _kvm_halt_check(self) -> None:
+        """Kick each vCPU that stayed in KVM_RUN without an exit since the last check, so that
+        it comes out and reads its mp_state: HLT never exits, and only mp_state HALTED says
+        the vCPU sleeps. One found asleep is looked at again only with IF set, and only every
+        IDLE_LIMIT_NS; with IF clear only another vCPU (INIT, NMI) could wake it. Runs on the
+        timer thread, every HALT_CHECK_NS while some vCPU is in a run."""
+        in_run = False
+        now = self.timers.clock()
+        for cpu in self.cpus:
+            if cpu.thread_id is None or cpu.stop or cpu.stopped:
+                continue
+            in_run = True
+            seen = self._runs_seen.get(cpu.cpu_index)
+            self._runs_seen[cpu.cpu_index] = cpu.runs
+            if cpu.runs != seen:
+                continue  # it came out since the last check
+            asleep_for = now - self._asleep_since.get(cpu.cpu_index, now)
+            if not cpu.halted or (cpu.if_flag and asleep_for >= IDLE_LIMIT_NS):
+                qemu_cpu_kick(cpu)
+        if in_run:
+            self._arm_halt_check()
 
     # --- vCPU threads -----------------------------------------------------------------------------
 
@@ -322,6 +392,7 @@ class MachineState:
             if self._threads or self.state != "created":
                 raise RuntimeError(f"cannot start a machine that is {self.state}")
             self._set_state("running")
+            self._arm_halt_check()
             for cpu in self.cpus:
                 thread = threading.Thread(
                     target=self.kvm_vcpu_thread_fn,
@@ -367,7 +438,10 @@ class MachineState:
         return bool(cpu.interrupt_request & CPU_INTERRUPT_HARD) and cpu.if_flag
 
     def _halted_for_good(self, cpu: CPUState) -> bool:
-        """Halted with no interrupt to take now and none that a timer could bring."""
+        """Halted with no interrupt to take now and none that a timer could bring. With HLT
+        in the kernel the VMM cannot see KVM's timers: only a halt with IF clear counts."""
+        if self.kernel_irqchip:
+            return cpu.halted and not cpu.if_flag
         if not cpu.halted or self.cpu_has_work(cpu):
             return False
         return not (cpu.if_flag and self.timers.armed())
@@ -377,6 +451,8 @@ class MachineState:
             return False
         if cpu.stopped:
             return True
+        if self.kernel_irqchip:
+            return False  # a halted vCPU waits inside KVM_RUN (kvm_halt_in_kernel)
         return cpu.halted and not self.cpu_has_work(cpu)
 
     def qemu_wait_io_event(self, cpu: CPUState) -> None:
@@ -565,6 +641,17 @@ class MachineState:
         return f"<{type(self).__name__} {self.k.name} {len(self.cpus)} vCPU(s) {self.state}>"
 
 
+@dataclass(frozen=True)
+class BootState:
+    """What a vCPU goes back to at a machine reset: its registers and, with the irqchip in
+    the kernel, its mp_state (an AP that waits for INIT/SIPI) and local APIC page."""
+
+    regs: bytes
+    sregs: bytes
+    mp_state: int = KVM_MP_STATE_RUNNABLE
+    lapic: bytes | None = None
+
+
 class Machine(MachineState):
     """A PC-like VM on the syscall face `k` (default: `kvmlab.sys`, the simulator).
 
@@ -574,7 +661,17 @@ class Machine(MachineState):
     (`debugcon`) and the POST port 0x80 (`post`). The guest programs the PICs itself, as a
     PC's firmware would. More devices go on `io` (ports) and `mmio` (addresses outside RAM).
     Use it as a context manager, or call `close()`, to give the fds and memory back.
+
+    `irqchip="user"` (the default) has QEMU's 8259 and 8254 models (`pic`, `pit`) and
+    injects with KVM_INTERRUPT. `irqchip="kernel"` puts them in KVM, with the IOAPIC at
+    0xfec00000 (`ioapic`) and a local APIC per vCPU: `pic` and `pit` are then QEMU's kvm-i8259
+    and kvm-pit (vmm.hw.kvm), devices raise lines with KVM_IRQ_LINE, HLT sleeps in KVM, and
+    the vCPUs after the first start as application processors waiting for INIT and SIPI
+    unless `boot()` or `setup_cpu()` points them at code.
     """
+
+    pic: I8259 | KVMPic
+    pit: I8254 | KVMPit
 
     def __init__(
         self,
@@ -583,16 +680,23 @@ class Machine(MachineState):
         ram_size: int = DEFAULT_RAM_SIZE,
         cpus: int = 1,
         log_limit: int = 100_000,
+        irqchip: str = "user",
     ) -> None:
-        self._boot_state: dict[int, tuple[bytes, bytes]] = {}  # cpu -> (regs, sregs) at reset
+        if irqchip not in IRQCHIP_MODES:
+            raise ValueError(f"irqchip must be 'user' or 'kernel', not {irqchip!r}")
+        self.irqchip = irqchip
+        self.kernel_irqchip = irqchip == "kernel"
+        self._boot_state: dict[int, BootState] = {}  # cpu -> what a reset restores
         super().__init__(k, ram_size=ram_size, cpus=cpus, log_limit=log_limit)
-        self.pic = I8259(on_int=self.pic_irq_request)
-        self.io.register(PIC_MASTER_IOBASE, 2, self.pic.master)
-        self.io.register(PIC_SLAVE_IOBASE, 2, self.pic.slave)
-        self.io.register(PIC_ELCR_IOBASE, 2, self.pic.elcr)
-        self.pit = I8254(self.timers, on_irq=lambda level: self.set_irq(PIT_IRQ, level))
-        self.io.register(PIT_IOBASE, PIT_IOSIZE, self.pit)
-        self.io.register(PCSPK_IOBASE, 1, PCSpk(self.pit))
+        try:
+            if self.kernel_irqchip:
+                self._kvm_irqchip_devices()
+            else:
+                self._userspace_irqchip_devices()
+            self.io.register(PCSPK_IOBASE, 1, PCSpk(self.pit))
+        except BaseException:
+            self.close()
+            raise
         self.post = PostPort()
         self.io.register(POST_IOBASE, 1, self.post)
         self.serial = Serial16550(on_irq=lambda level: self.set_irq(COM1_IRQ, level), lock=self.bql)
@@ -602,17 +706,54 @@ class Machine(MachineState):
         self.debugcon = DebugCon()
         self.io.register(DEBUGCON_IOBASE, 1, self.debugcon)
 
+    def _userspace_irqchip_devices(self) -> None:
+        """QEMU's i8259 and i8254 models: every interrupt goes through the VMM."""
+        self.pic = pic = I8259(on_int=self.pic_irq_request)
+        self.io.register(PIC_MASTER_IOBASE, 2, pic.master)
+        self.io.register(PIC_SLAVE_IOBASE, 2, pic.slave)
+        self.io.register(PIC_ELCR_IOBASE, 2, pic.elcr)
+        self.pit = I8254(self.timers, on_irq=lambda level: self.set_irq(PIT_IRQ, level))
+        self.io.register(PIT_IOBASE, PIT_IOSIZE, self.pit)
+
+    def _kvm_irqchip_devices(self) -> None:
+        """kvm-i8259, kvm-ioapic and kvm-pit: the chips are KVM's (kvm_init already made the
+        irqchip; this adds KVM_CREATE_PIT2, as QEMU's kvm_pit_init) and only hold their
+        addresses here, so no other device takes them."""
+        assert self.kvm is not None
+        self.pic = pic = KVMPic(self.kvm)
+        self.io.register(PIC_MASTER_IOBASE, 2, pic.master)
+        self.io.register(PIC_SLAVE_IOBASE, 2, pic.slave)
+        self.ioapic = self.mmio.register(
+            IO_APIC_DEFAULT_ADDRESS, IOAPIC_SPACE_SIZE, KVMIOAPIC(self.kvm)
+        )
+        self.pit = self.io.register(PIT_IOBASE, PIT_IOSIZE, KVMPit(self.kvm, self.timers.clock))
+
     def cpu_init(self, kvm: KVMState, index: int) -> CPUState:
-        """KVM_CREATE_VCPU; its reset registers are where reset() returns until setup_cpu."""
+        """KVM_CREATE_VCPU; its reset state is where reset() returns until setup_cpu."""
         cpu = kvm_init_vcpu(kvm, index, self)
-        self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+        self._save_boot_state(cpu)
         return cpu
 
+    def _save_boot_state(self, cpu: CPUState) -> None:
+        """Remember the vCPU's state as it is now (in KVM) for reset(): with the irqchip in
+        the kernel, also its mp_state and local APIC as KVM made them."""
+        mp_state, lapic = KVM_MP_STATE_RUNNABLE, None
+        if self.kernel_irqchip:
+            kvm_get_mp_state(cpu)
+            mp_state, lapic = cpu.mp_state, kvm_get_apic(cpu)
+        self._boot_state[cpu.cpu_index] = BootState(
+            bytes(cpu.regs), bytes(cpu.sregs), mp_state, lapic
+        )
+
     def cpu_reset(self, cpu: CPUState) -> None:
-        regs, sregs = self._boot_state[cpu.cpu_index]
-        cpu.regs = kvm_regs.from_buffer_copy(regs)
-        cpu.sregs = kvm_sregs.from_buffer_copy(sregs)
+        boot = self._boot_state[cpu.cpu_index]
+        cpu.regs = kvm_regs.from_buffer_copy(boot.regs)
+        cpu.sregs = kvm_sregs.from_buffer_copy(boot.sregs)
         cpu.vcpu_dirty = True
+        if boot.lapic is not None:  # QEMU's kvm_apic_reset and kvm_put_mp_state
+            kvm_put_apic(cpu, boot.lapic)
+            cpu.mp_state = boot.mp_state
+            kvm_put_mp_state(cpu)
 
     # --- boot ---------------------------------------------------------------------------------
 
@@ -621,7 +762,9 @@ class Machine(MachineState):
     ) -> None:
         """Put vCPU `index` in `mode` ("real", "protected", "long") at `entry`; reset returns here.
 
-        The GDT and page tables are loaded like any image, so a reset restores them too.
+        The GDT and page tables are loaded like any image, so a reset restores them too. With
+        the irqchip in the kernel the vCPU is also made RUNNABLE (KVM_SET_MP_STATE): an
+        application processor pointed at code by the VMM does not wait for INIT/SIPI.
         """
         with self.bql:
             if self._threads and self.state == "running":
@@ -630,22 +773,36 @@ class Machine(MachineState):
             kvm_arch_get_registers(cpu)  # cpu_synchronize_state
             setup_mode(self.load_at, cpu.regs, cpu.sregs, mode, entry, stack)
             kvm_cpu_synchronize_post_reset(cpu)
+            if self.kernel_irqchip:
+                cpu.mp_state = KVM_MP_STATE_RUNNABLE
+                kvm_put_mp_state(cpu)
             cpu.halted = False
-            self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+            self._save_boot_state(cpu)
 
-    def boot(self, code: bytes, mode: str = "real", entry: int = 0x1000) -> Machine:
-        """Load `code` at `entry` and point every vCPU there in `mode`; returns the machine."""
+    def boot(
+        self, code: bytes, mode: str = "real", entry: int = 0x1000, *, aps: bool = True
+    ) -> Machine:
+        """Load `code` at `entry` and point every vCPU there in `mode`; returns the machine.
+
+        With `aps=False` only vCPU 0 (the bootstrap processor) is pointed at `entry`: the
+        others keep their reset state, which with the irqchip in the kernel means waiting
+        for the INIT and SIPI the guest's BSP sends through its local APIC.
+        """
         self.load(code, entry)
-        for cpu in self.cpus:
+        for cpu in self.cpus if aps else self.cpus[:1]:
             self.setup_cpu(cpu.cpu_index, mode, entry)
         return self
 
     # --- interrupts: ISA lines -> the 8259s -> INT of vCPU 0 (no APIC: QEMU's pic_irq_request) --
 
     def set_irq(self, line: int, level: bool) -> None:
-        """A device's ISA interrupt line (0-15) changed level."""
+        """A device's ISA interrupt line (0-15) changed level: into the PIC model, or into
+        KVM's irqchip with KVM_IRQ_LINE (QEMU's kvm_pic_set_irq -> kvm_set_irq)."""
         with self.bql:
-            self.pic.set_irq(line, level)
+            if isinstance(self.pic, KVMPic):
+                self.pic.kvm_pic_set_irq(line, level)
+            else:
+                self.pic.set_irq(line, level)
 
     def pic_irq_request(self, level: bool) -> None:
         """The master PIC's INT pin: pending for vCPU 0 while high, and a kick when it rises."""
@@ -657,5 +814,7 @@ class Machine(MachineState):
             cpu.interrupt_request &= ~CPU_INTERRUPT_HARD
 
     def cpu_get_pic_interrupt(self, cpu: CPUState) -> int:
-        """The INTA cycle: the vector the PICs deliver now (INT drops if nothing else waits)."""
+        """The INTA cycle: the vector the PICs deliver now (INT drops if nothing else waits).
+        Only the userspace irqchip has one: KVM acknowledges its own PIC."""
+        assert isinstance(self.pic, I8259)
         return self.pic.pic_read_irq()

@@ -4,10 +4,11 @@ multiboot kernel loaded and ready to run on vCPU 0.
 Besides the Machine's own COM1, isa-debug-exit at 0x501 and debug console, the PC has
 isa-debug-exit where test suites put it (`-device isa-debug-exit,iobase=0xf4,iosize=4`),
 fw_cfg at 0x510 (signature, ID, RAM size, CPU counts, the file "etc/e820") and the local
-APIC's register page at 0xfee00000. Every vCPU is an X86CPU of a CPU model (vmm.cpu_model;
-with `cpu_model=None`, none: every CPUID leaf then reads zero). vCPU 0 starts in 32-bit
-protected mode at the last steps of QEMU's multiboot ROM, placed in the BIOS area; the others
-wait, as application processors wait for a startup IPI (none is sent here).
+APIC's register page at 0xfee00000 (KVM's own APIC with `irqchip="kernel"`). Every vCPU is an
+X86CPU of a CPU model (vmm.cpu_model; with `cpu_model=None`, none: every CPUID leaf then reads
+zero). vCPU 0 starts in 32-bit protected mode at the last steps of QEMU's multiboot ROM,
+placed in the BIOS area; the others wait, as application processors wait for a startup IPI
+(with the irqchip in the kernel, the kernel's BSP may send one).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class PC(Machine):
         ram_size: int = PC_RAM_SIZE,
         cpus: int = 1,
         cpu_model: X86CPUDefinition | None = KVMLAB64,
+        irqchip: str = "user",
     ) -> None:
         if not 0 < cpus <= MAX_CPUS:
             raise ValueError(f"a PC has 1 to {MAX_CPUS} vCPUs, not {cpus}")
@@ -72,7 +74,7 @@ class PC(Machine):
         self.cpu_model = cpu_model
         self.cpu_features: dict[FeatureWord, int] | None = None  # filtered at the first vCPU
         self.filtered_features: list[str] = []
-        super().__init__(k, ram_size=ram_size, cpus=cpus)
+        super().__init__(k, ram_size=ram_size, cpus=cpus, irqchip=irqchip)
         try:
             self._add_devices(cpus, ram_size)
         except BaseException:
@@ -92,7 +94,7 @@ class PC(Machine):
         cpu = kvm_init_vcpu(
             kvm, index, self, X86CPU, model=self.cpu_model, features=features, apic_id=index
         )
-        self._boot_state[index] = (bytes(cpu.regs), bytes(cpu.sregs))
+        self._save_boot_state(cpu)
         return cpu
 
     def _add_devices(self, cpus: int, ram_size: int) -> None:
@@ -106,9 +108,10 @@ class PC(Machine):
         self.fw_cfg.fw_cfg_add_i16(FW_CFG_NB_CPUS, cpus)
         self.fw_cfg.fw_cfg_add_i16(FW_CFG_MAX_CPUS, cpus)
         self.fw_cfg.fw_cfg_add_file("etc/e820", struct.pack("<QQI", 0, ram_size, E820_RAM))
-        self.lapic = self.mmio.register(
-            APIC_DEFAULT_ADDRESS, APIC_SPACE_SIZE, LocalApicRegisters(self.current_cpu_index)
-        )
+        if not self.kernel_irqchip:  # else KVM answers the page
+            self.lapic = self.mmio.register(
+                APIC_DEFAULT_ADDRESS, APIC_SPACE_SIZE, LocalApicRegisters(self.current_cpu_index)
+            )
 
     def current_cpu_index(self) -> int:
         """The vCPU whose thread is running this code (0 outside any vCPU)."""
@@ -132,6 +135,7 @@ def pc_boot_kernel(
     cpus: int = 1,
     ram_size: int = PC_RAM_SIZE,
     cpu_model: X86CPUDefinition | None = KVMLAB64,
+    irqchip: str = "user",
 ) -> PC:
     """A PC on backend `k` with the multiboot kernel `image` loaded, ready to run.
 
@@ -139,7 +143,7 @@ def pc_boot_kernel(
     An image that cannot boot raises MultibootError (a ValueError) before any VM is made.
     """
     parse_kernel(image)
-    pc = PC(k, ram_size=ram_size, cpus=cpus, cpu_model=cpu_model)
+    pc = PC(k, ram_size=ram_size, cpus=cpus, cpu_model=cpu_model, irqchip=irqchip)
     try:
         pc.load_kernel(image, name, cmdline)
     except BaseException:

@@ -158,7 +158,6 @@ def pit_set_gate(pit: KvmPit, channel: int, val: int) -> None:
     c.gate = val
 
 
-@traced(args=lambda pit: {"periodic": pit.is_periodic, "period_ns": pit.period})
 def pit_timer_expired(pit: KvmPit) -> int | None:
     """The hrtimer's function and the worker: the next expiry, then the pulse."""
     restart = pit_timer_fn(pit)
@@ -166,6 +165,7 @@ def pit_timer_expired(pit: KvmPit) -> int | None:
     return restart
 
 
+@traced(args=lambda pit: {"periodic": pit.is_periodic, "period_ns": pit.period})
 def pit_timer_fn(pit: KvmPit) -> int | None:
     """The hrtimer expired: a periodic timer goes on one period later (the periods the thread
     was too late for are skipped); a one-shot stops. Takes no lock, as in KVM: a reprogram

@@ -645,7 +645,7 @@ class UcVcpu:
             self.cpu.interrupt_shadow()
         )
 
-    @traced("vmx_vcpu_run", args=lambda self, rip, step=False, irq_window=False: {"rip": rip})
+    @traced("vmx_vcpu_run", args=lambda self, rip, **_: {"rip": rip})
     def vcpu_run(
         self, rip: int, step: bool = False, irq_window: bool = False, retire_only: bool = False
     ) -> int:

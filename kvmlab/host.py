@@ -1,8 +1,10 @@
 """The host backend: the syscall face forwarded to the real /dev/kvm.
 
 Same four calls as `kvmlab.sys`, so a scenario written once runs on both. Integer arguments go
-through libc's ioctl as an unsigned long, because `fcntl.ioctl` packs them into a C int and
-overflows above 2**31 (e.g. KVM_SET_TSS_ADDR 0xfffbd000).
+through the ioctl system call as an unsigned long, because `fcntl.ioctl` packs them into a C
+int and overflows above 2**31 (e.g. KVM_SET_TSS_ADDR 0xfffbd000); the result comes back as the
+kernel's long, where libc's int would turn a large one (KVM_GET_TSC_KHZ above 2**31 kHz) into
+a bogus error with errno 0.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ name = "host"
 DEV_KVM = "/dev/kvm"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-_libc.ioctl.restype = ctypes.c_int
+_libc.syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+SYS_IOCTL = {"x86_64": 16, "aarch64": 29}.get(os.uname().machine, 16)
 
 
 def available() -> str | None:
@@ -45,8 +48,8 @@ def open(path: str, flags: int, mode: int = 0o777) -> int:
 def ioctl(fd: int, request: int, arg: int | Any = 0, mutate_flag: bool = True) -> int | bytes:
     """fcntl.ioctl, except that an int argument spans the kernel's whole unsigned long."""
     if isinstance(arg, int):
-        r = _libc.ioctl(fd, request & 0xFFFFFFFF, arg & 0xFFFFFFFFFFFFFFFF)
-        if r < 0:
+        r = _libc.syscall(SYS_IOCTL, fd, request & 0xFFFFFFFF, arg & 0xFFFFFFFFFFFFFFFF)
+        if r == -1:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
         return int(r)

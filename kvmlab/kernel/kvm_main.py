@@ -257,13 +257,19 @@ class KvmChardevOps:
     name = "kvm"
 
     def unlocked_ioctl(self, file: fs.File, cmd: int, arg: int) -> int:
-        return kvm_dev_ioctl(cmd, arg)
+        return int_return(kvm_dev_ioctl(cmd, arg))
 
     def mmap(self, file: fs.File, length: int, offset: int) -> None:
         fail(errno.ENODEV)
 
     def release(self, file: fs.File) -> None:
         pass  # /dev/kvm keeps no per-open state
+
+
+def int_return(r: int) -> int:
+    """KVM's ioctl handlers keep their result in an `int r`: userspace gets it sign-extended
+    (KVM_GET_TSC_KHZ of 2**31 kHz or more reads negative, as on the host)."""
+    return (r + 2**31) % 2**32 - 2**31
 
 
 def _arch() -> KvmArch:
@@ -340,7 +346,7 @@ class KvmVmFops:
     name = "kvm-vm"
 
     def unlocked_ioctl(self, file: fs.File, cmd: int, arg: int) -> int:
-        return kvm_vm_ioctl(file.private_data, cmd, arg)
+        return int_return(kvm_vm_ioctl(file.private_data, cmd, arg))
 
     def mmap(self, file: fs.File, length: int, offset: int) -> None:
         fail(errno.ENODEV)
@@ -488,7 +494,7 @@ class KvmVcpuFops:
     name = "kvm-vcpu"
 
     def unlocked_ioctl(self, file: fs.File, cmd: int, arg: int) -> int:
-        return kvm_vcpu_ioctl(file.private_data, cmd, arg)
+        return int_return(kvm_vcpu_ioctl(file.private_data, cmd, arg))
 
     def mmap(self, file: fs.File, length: int, offset: int) -> None:
         """kvm_vcpu_mmap: only the vCPU's own pages (kvm_run, PIO data, ...) can be mapped.

@@ -150,7 +150,8 @@ RDTSC_TWICE = (
 def tsc_rate_and_rdtsc(k: Any) -> dict[str, Any]:
     """KVM_GET_TSC_KHZ (VM and vCPU, not /dev/kvm); KVM_SET_TSC_KHZ without TSC scaling: the
     host rate or faster is taken, slower is EINVAL, 0 means the host's; a VM's default rate
-    cannot change once it has vCPUs. The guest's rdtsc never goes backwards."""
+    cannot change once it has vCPUs; 2**31 kHz reads back negative (KVM's `int` result). The
+    guest's rdtsc never goes backwards."""
     with machine(k, RDTSC_TWICE, "long64") as m:
         khz = k.ioctl(m.vcpu_fd, KVM_GET_TSC_KHZ, 0)
         out: dict[str, Any] = {
@@ -162,11 +163,14 @@ def tsc_rate_and_rdtsc(k: Any) -> dict[str, Any]:
             "slower": try_ioctl(k, m.vcpu_fd, KVM_SET_TSC_KHZ, khz // 2),
             "zero": try_ioctl(k, m.vcpu_fd, KVM_SET_TSC_KHZ, 0),
             "after_zero": k.ioctl(m.vcpu_fd, KVM_GET_TSC_KHZ, 0) == khz,
+            # a rate of 2**31 kHz is taken, and reads back through KVM's `int r`: negative
+            "huge": try_ioctl(k, m.vcpu_fd, KVM_SET_TSC_KHZ, 0x8000_0000),
+            "huge_reads": try_ioctl(k, m.vcpu_fd, KVM_GET_TSC_KHZ, 0),
             "exit": name(m.run()),
         }
         a, b = struct.unpack_from("<QQ", m.mem, DATA_ADDR)
         out["monotonic"] = 0 < a <= b
     assert out["vm_equals_vcpu"] and out["sys"] == "EINVAL" and out["vm_set"] == "EINVAL"
     assert out["faster"] == 0 and out["slower"] == "EINVAL" and out["after_zero"]
-    assert out["monotonic"]
+    assert out["monotonic"] and out["huge_reads"] == -(2**31)
     return out

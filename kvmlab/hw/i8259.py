@@ -140,9 +140,8 @@ class PicChipCore:
                 self.ocw3(value)
             else:
                 self.ocw2(value)
-        elif self.init_state == 0:  # OCW1
-            self.imr = value
-            self.update_irq()
+        elif self.init_state == 0:
+            self.ocw1(value)
         elif self.init_state == 1:  # ICW2: the vector base (its low three bits are the line)
             self.irq_base = value & 0xF8
             self.init_state = (3 if self.init4 else 0) if self.single_mode else 2
@@ -152,6 +151,11 @@ class PicChipCore:
             self.special_fully_nested_mode = bool(value & 0x10)
             self.auto_eoi = bool(value & 0x02)
             self.init_state = 0
+
+    def ocw1(self, value: int) -> None:
+        """OCW1: the interrupt mask (KVM also tells its mask notifiers of each line changed)."""
+        self.imr = value
+        self.update_irq()
 
     def ocw3(self, value: int) -> None:
         """OCW3: poll, which register port 0 reads, the special mask mode."""

@@ -7,7 +7,7 @@ import functools
 from ctypes import c_char, c_int64, c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Any
 
-from kvmlab.uapi.ioctl import _IOR, _IOW, _IOWR
+from kvmlab.uapi.ioctl import _IO, _IOR, _IOW, _IOWR
 from kvmlab.uapi.kvm import KVMIO, make_kvm_run
 
 KVM_NR_INTERRUPTS = 256
@@ -413,10 +413,18 @@ class kvm_pit_config(ctypes.Structure):  # noqa: N801
     _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
 
 
+class kvm_reinject_control(ctypes.Structure):  # noqa: N801
+    """KVM_REINJECT_CONTROL: whether the PIT replays ticks the guest has not acknowledged."""
+
+    _fields_ = [("pit_reinject", c_uint8), ("reserved", c_uint8 * 31)]
+
+
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_PIT_FLAGS_HPET_LEGACY = 0x1
 KVM_PIT_FLAGS_SPEAKER_DATA_ON = 0x2
+KVM_CREATE_PIT = _IO(KVMIO, 0x64)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, ctypes.sizeof(kvm_pit_config))
+KVM_REINJECT_CONTROL = _IO(KVMIO, 0x71)
 KVM_GET_PIT = _IOWR(KVMIO, 0x65, ctypes.sizeof(kvm_pit_state))
 KVM_SET_PIT = _IOR(KVMIO, 0x66, ctypes.sizeof(kvm_pit_state))
 KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, ctypes.sizeof(kvm_pit_state2))

@@ -19,17 +19,20 @@ from typing import Any
 from kvmlab.asm import assemble
 from kvmlab.uapi import (
     KVM_CREATE_IRQCHIP,
+    KVM_CREATE_PIT,
     KVM_CREATE_PIT2,
     KVM_EXIT_IO,
     KVM_GET_PIT,
     KVM_GET_PIT2,
     KVM_PIT_SPEAKER_DUMMY,
+    KVM_REINJECT_CONTROL,
     KVM_SET_PIT,
     KVM_SET_PIT2,
     kvm_pit_channel_state,
     kvm_pit_config,
     kvm_pit_state,
     kvm_pit_state2,
+    kvm_reinject_control,
 )
 
 from .guest import CODE_ADDR, DATA_ADDR, MAX_RUNS, Fds, Machine, try_ioctl
@@ -422,4 +425,59 @@ def pit_one_shot_modes(k: Any) -> dict[str, Any]:
     one_shot = ([(0x12, 1, 1), (0x13, 1, 1)], True, False)
     assert out == {"mode0": one_shot, "mode1": one_shot, "mode4": one_shot,
                    "mode5": (one_shot[0], False, False)}  # fmt: skip
+    return out
+
+
+COUNTING_HANDLER = """
+    inc word ptr [0x3000]
+    cmp word ptr [0x3000], 1
+    jne eoi
+    out 0x10, al                    ; the first tick reports before its EOI
+eoi:
+    mov al, 0x20
+    out 0x20, al
+    iret
+"""
+
+
+def ticks_after_a_pause(k: Any, reinject: bool | None) -> dict[str, Any]:
+    """50 Hz ticks; the first handler exits before its EOI and the vCPU stays out for 0.4 s
+    (about 20 expiries), then runs 0.3 s more. Whether the guest took a burst (the expiries
+    of the pause replayed: about 36 ticks) or about the 0.3 s' worth (about 17)."""
+    tail = program_channel_0(2, 23864) + "sti\nidle:\nhlt\njmp idle\n"
+    with chip_machine(k) as m:
+        irq0_guest(m, tail)
+        m.write(0x1C00, assemble(COUNTING_HANDLER, mode="16", base=0x1C00).code)
+        m.mem[IRQ0_VECTOR * 4 : IRQ0_VECTOR * 4 + 4] = (0x1C00).to_bytes(2, "little") + bytes(2)
+        create_pit(k, m.vm_fd)
+        control = None
+        if reinject is not None:
+            arg = bytes(kvm_reinject_control(pit_reinject=int(reinject)))
+            control = try_ioctl(k, m.vm_fd, KVM_REINJECT_CONTROL, arg)
+        first = run_exits(m, 0x12) + run_exits(m, 0x10)
+        time.sleep(0.4)
+        last = run_exits(m, 0x99, limit=0.3)
+        ticks = int.from_bytes(m.mem[0x3000:0x3002], "little")
+    return {"control": control, "exits": first + last, "burst": ticks >= 26}
+
+
+@scenario
+def pit_reinjects_ticks_the_guest_missed(k: Any) -> dict[str, Any]:
+    """Reinject mode (the default, and KVM_REINJECT_CONTROL 1): an expiry waits until the
+    guest acknowledged the last tick, and the ones that came meanwhile are replayed one after
+    another once it does: a burst of ~20 ticks. With KVM_REINJECT_CONTROL 0 they are lost.
+    KVM_REINJECT_CONTROL is ENXIO without a PIT; KVM_CREATE_PIT (the older ioctl) makes one
+    with the speaker port."""
+    out: dict[str, Any] = {
+        label: ticks_after_a_pause(k, reinject)
+        for label, reinject in (("default", None), ("reinject=1", True), ("reinject=0", False))
+    }
+    with chip_machine(k) as m:
+        off = bytes(kvm_reinject_control())
+        out["control_without_pit"] = try_ioctl(k, m.vm_fd, KVM_REINJECT_CONTROL, off)
+        out["create_pit"] = try_ioctl(k, m.vm_fd, KVM_CREATE_PIT, 0)
+        out["create_pit2_after"] = create_pit(k, m.vm_fd)
+    assert out["default"]["burst"] and out["reinject=1"]["burst"], out
+    assert not out["reinject=0"]["burst"], out
+    assert out["control_without_pit"] == "ENXIO" and out["create_pit2_after"] == "EEXIST"
     return out

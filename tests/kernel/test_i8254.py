@@ -1,7 +1,7 @@
 """The in-kernel PIT's timer on the simulator alone: what no host comparison can show.
 
-Its thread comes with the first timer and goes with the VM; every expiry pulses GSI 0 even
-when the guest never acknowledges (KVM's reinject mode would hold back); a short periodic
+Its thread comes with the first timer and goes with the VM; ticks the guest never
+acknowledges wait in reinject mode and pulse GSI 0 each time without it; a short periodic
 count is limited as KVM limits it; a late periodic timer skips the periods it missed; in
 HPET legacy mode channel 0 gets no timer.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from kvmlab import sys as k
@@ -23,10 +23,12 @@ from kvmlab.uapi import (
     KVM_CREATE_VM,
     KVM_GET_IRQCHIP,
     KVM_PIT_FLAGS_HPET_LEGACY,
+    KVM_REINJECT_CONTROL,
     KVM_SET_PIT2,
     kvm_irqchip,
     kvm_pit_config,
     kvm_pit_state2,
+    kvm_reinject_control,
 )
 
 PIT_THREAD = f"kvm-pit/{os.getpid()}"
@@ -77,16 +79,29 @@ def test_the_timer_thread_starts_with_the_first_timer_and_ends_with_the_vm() -> 
     assert not thread.is_alive()  # closing the VM fd destroyed the VM, and joined the thread
 
 
-def test_every_expiry_pulses_gsi_0_even_if_the_guest_never_acknowledges() -> None:
-    """KVM (reinject mode) would pulse once, then wait for the PIC to report an EOI."""
-    with trace.recording() as rec, vm_with_pit() as (vm_fd, _):
-        program_channel_0(vm_fd, 2, 1193)  # about 1 kHz
-        deadline = time.monotonic() + 5
-        while len(pulses := [e for e in rec.calls() if e == "pit_do_work"]) < 3:
-            assert time.monotonic() < deadline, pulses
-            time.sleep(0.005)
+def test_unacknowledged_ticks_wait_in_reinject_mode_and_pulse_without_it() -> None:
+    """Reinject mode (the default): the guest never takes IRQ 0, so after the first pulse the
+    expiries only count up as pending. With KVM_REINJECT_CONTROL 0 every expiry pulses."""
+    with vm_with_pit() as (vm_fd, pit):
+        with trace.recording() as rec:
+            program_channel_0(vm_fd, 2, 1193)  # about 1 kHz
+            assert wait_for(lambda: pit.pending >= 5)
+        raises = [e for e in rec.events if e.kind == "enter" and e.func == "kvm_set_irq"]
+        assert len(raises) == 2  # one pulse: raise, lower
+        k.ioctl(vm_fd, KVM_REINJECT_CONTROL, bytes(kvm_reinject_control(pit_reinject=0)))
+        with trace.recording() as rec:
+            assert wait_for(lambda: rec.calls().count("kvm_set_irq") >= 6)  # three pulses
         pic = master_pic(vm_fd).chip.pic
     assert pic.irr & 1 and not pic.isr & 1  # IRQ 0 requested, never taken
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def test_a_short_periodic_count_is_limited_to_min_timer_period_us() -> None:

@@ -16,12 +16,10 @@ there are answered here, with no exit. The counters, latches and the port protoc
 - port 0x61 reads channel 2's gate and OUT, the speaker data, and a refresh bit from the clock.
 
 The hrtimer and the kvm-pit worker are one `HrTimer` thread per PIT (`kvmlab.kernel.hrtimer`),
-started by the first timer and stopped by kvm_free_pit. Where kvmlab is simpler than KVM:
-KVM starts in "reinject" mode, where an expiry is delivered only once the guest has
-acknowledged the previous tick (the PIC or IOAPIC calls an ack notifier) and ticks that found
-it unacknowledged are counted and replayed; kvmlab has no ack notifiers, so it pulses once per
-expiry, as KVM does with KVM_REINJECT_CONTROL's pit_reinject = 0, and expiries the thread was
-too late for become one pulse (as work queued while still pending runs once).
+started by the first timer and stopped by kvm_free_pit. As KVM, the PIT starts in
+"reinject" mode: an expiry is delivered only once the guest has acknowledged the previous tick
+(its EOI reaches the ack notifier on GSI 0), and the expiries that came meanwhile are counted
+and replayed one per EOI; KVM_REINJECT_CONTROL turns that off (a pulse per expiry).
 https://elixir.bootlin.com/linux/v6.12/source/arch/x86/kvm/i8254.c
 """
 
@@ -46,18 +44,21 @@ from kvmlab.kernel.hrtimer import HrTimer
 from kvmlab.kernel.trace import note, traced
 from kvmlab.kernel.uaccess import copy_struct_from_user, copy_to_user, fail
 from kvmlab.uapi import (
+    KVM_CREATE_PIT,
     KVM_CREATE_PIT2,
     KVM_GET_PIT,
     KVM_GET_PIT2,
     KVM_PIT_FLAGS_HPET_LEGACY,
     KVM_PIT_FLAGS_SPEAKER_DATA_ON,
     KVM_PIT_SPEAKER_DUMMY,
+    KVM_REINJECT_CONTROL,
     KVM_SET_PIT,
     KVM_SET_PIT2,
     kvm_pit_channel_state,
     kvm_pit_config,
     kvm_pit_state,
     kvm_pit_state2,
+    kvm_reinject_control,
 )
 
 KVM_PIT_BASE_ADDRESS, KVM_PIT_MEM_LENGTH = 0x40, 4
@@ -84,6 +85,13 @@ class KvmPit(PitCore):
         # ps->timer and the kvm-pit worker in one: the hrtimer's function does both
         self.timer = HrTimer(lambda: pit_timer_expired(self), f"kvm-pit/{os.getpid()}")
         self.speaker_dev = speaker_dev
+        # reinject mode: ticks the guest has not acknowledged (`pending`) wait for its EOI
+        self.reinject = False
+        self.pending = 0
+        self.irq_ack = True
+        self.ack_lock = threading.Lock()  # KVM's atomics on pending and irq_ack
+        self.ack_notifier = x86_irq.IrqNotifier(0, lambda: kvm_pit_ack_irq(self))
+        self.mask_notifier = x86_irq.IrqNotifier(0, lambda masked: pit_mask_notifer(self, masked))
 
     def elapsed_ticks(self, channel: PitChannelCore) -> int:
         return ns_to_ticks(kpit_elapsed(self, channel))
@@ -113,6 +121,7 @@ def create_pit_timer(pit: KvmPit, val: int, is_period: bool) -> None:
     pit.timer.cancel()
     pit.period = interval
     pit.is_periodic = is_period
+    kvm_pit_reset_reinject(pit)  # a new count forgets the old timer's unacknowledged ticks
     if is_period and pit.period < MIN_TIMER_PERIOD_US * 1000:
         note("periodic timer limited", requested=pit.period, min=MIN_TIMER_PERIOD_US * 1000)
         pit.period = MIN_TIMER_PERIOD_US * 1000
@@ -170,6 +179,9 @@ def pit_timer_fn(pit: KvmPit) -> int | None:
     """The hrtimer expired: a periodic timer goes on one period later (the periods the thread
     was too late for are skipped); a one-shot stops. Takes no lock, as in KVM: a reprogram
     holding the PIT's lock cancels the timer and waits for this to finish."""
+    if pit.reinject:
+        with pit.ack_lock:
+            pit.pending += 1
     period = pit.period
     if not pit.is_periodic or not period:
         return None
@@ -182,9 +194,54 @@ def pit_timer_fn(pit: KvmPit) -> int | None:
 
 @traced()
 def pit_do_work(pit: KvmPit) -> None:
-    """The worker: an edge on GSI 0 (the PIC's IRQ 0 and the IOAPIC's pin 0)."""
+    """The worker: an edge on GSI 0 (the PIC's IRQ 0 and the IOAPIC's pin 0). In reinject
+    mode only once the guest acknowledged the last tick; the tick stays pending meanwhile."""
+    if pit.reinject:
+        with pit.ack_lock:
+            acked, pit.irq_ack = pit.irq_ack, False
+        if not acked:
+            note("last tick not acknowledged: this one waits", pending=pit.pending)
+            return
     x86_irq.kvm_set_irq(pit.kvm, 0, 1)
     x86_irq.kvm_set_irq(pit.kvm, 0, 0)
+
+
+@traced(args=lambda pit: {"pending": pit.pending})
+def kvm_pit_ack_irq(pit: KvmPit) -> None:
+    """The guest's EOI of GSI 0: the tick is done; one still pending is delivered now."""
+    with pit.ack_lock:
+        pit.irq_ack = True
+        pit.pending = max(pit.pending - 1, 0)
+        more = pit.pending > 0
+    if more:
+        pit_do_work(pit)
+
+
+def pit_mask_notifer(pit: KvmPit, masked: bool) -> None:
+    """GSI 0 unmasked: forget the ticks that came while it was masked (kvm_pit_reset_reinject)."""
+    if not masked:
+        kvm_pit_reset_reinject(pit)
+
+
+def kvm_pit_reset_reinject(pit: KvmPit) -> None:
+    with pit.ack_lock:
+        pit.pending, pit.irq_ack = 0, True
+
+
+@traced(args=lambda pit, reinject: {"reinject": reinject})
+def kvm_pit_set_reinject(pit: KvmPit, reinject: bool) -> None:
+    """Turn reinject mode on (the ack and mask notifiers on GSI 0) or off."""
+    if pit.reinject == reinject:
+        return
+    chip = pit.kvm.arch.irqchip
+    if reinject:
+        kvm_pit_reset_reinject(pit)
+        chip.ack_notifiers.append(pit.ack_notifier)
+        chip.mask_notifiers.append(pit.mask_notifier)
+    else:
+        chip.ack_notifiers.remove(pit.ack_notifier)
+        chip.mask_notifiers.remove(pit.mask_notifier)
+    pit.reinject = reinject
 
 
 # --- the guest's ports ------------------------------------------------------------------------
@@ -263,6 +320,7 @@ def kvm_pit_reset(pit: KvmPit) -> None:
         c.mode = 0xFF
         c.gate = int(i != 2)
         pit_load_count(pit, i, 0)
+    kvm_pit_reset_reinject(pit)
 
 
 @traced(args=lambda kvm, flags: {"flags": flags})
@@ -272,6 +330,7 @@ def kvm_create_pit(kvm: Any, flags: int) -> KvmPit:
     pit = KvmPit(kvm, bool(flags & KVM_PIT_SPEAKER_DUMMY))
     with pit.lock:
         kvm_pit_reset(pit)
+    kvm_pit_set_reinject(pit, True)
     return pit
 
 
@@ -341,8 +400,11 @@ def load_channels(pit: KvmPit, states: Any) -> None:
 def kvm_arch_vm_ioctl_pit(kvm: Any, cmd: int, arg: int) -> int | None:
     """KVM_CREATE_PIT2, KVM_GET/SET_PIT, KVM_GET/SET_PIT2 (in x86.c's order of checks); None
     for any other ioctl."""
-    if cmd == KVM_CREATE_PIT2:
-        config = copy_struct_from_user(kvm_pit_config, arg)
+    if cmd in (KVM_CREATE_PIT, KVM_CREATE_PIT2):  # the older one means KVM_PIT_SPEAKER_DUMMY
+        if cmd == KVM_CREATE_PIT2:
+            config = copy_struct_from_user(kvm_pit_config, arg)
+        else:
+            config = kvm_pit_config(flags=KVM_PIT_SPEAKER_DUMMY)
         with kvm.lock:
             if kvm.arch.vpit is not None:
                 note("a PIT exists")
@@ -375,6 +437,12 @@ def kvm_arch_vm_ioctl_pit(kvm: Any, cmd: int, arg: int) -> int | None:
         with kvm.lock:
             pit_exists(kvm)
             kvm_vm_ioctl_set_pit2(kvm, ps2)
+        return 0
+    if cmd == KVM_REINJECT_CONTROL:
+        control = copy_struct_from_user(kvm_reinject_control, arg)
+        pit_exists(kvm)
+        with kvm.arch.vpit.lock:
+            kvm_pit_set_reinject(kvm.arch.vpit, bool(control.pit_reinject))
         return 0
     return None
 

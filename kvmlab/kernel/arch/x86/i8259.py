@@ -37,6 +37,20 @@ class KvmKpicState(PicChipCore):
         self.init4 = bool(value & ICW1_IC4)
         kvm_pic_reset(self)
 
+    def clear_isr(self, line: int) -> None:
+        """pic_clear_isr: the ack notifiers hear of it once the lock is released."""
+        super().clear_isr(line)
+        self.pics_state.acked.append(line + (0 if self.master else 8))
+
+    def ocw1(self, value: int) -> None:
+        """OCW1: each line whose mask changed is reported to the mask notifiers."""
+        changed = self.imr ^ value
+        base = 0 if self.master else 8
+        for line in range(8):
+            if changed & (1 << line):
+                self.pics_state.masked.append((line + base, bool(value & (1 << line))))
+        super().ocw1(value)
+
     def poll_read(self) -> int:
         """pic_poll_read: acknowledge and end the best request at once; 7 when none."""
         line = self.get_irq()
@@ -58,16 +72,35 @@ class KvmKpicState(PicChipCore):
 class KvmPic:
     """struct kvm_pic: the two chips, their INT output and the lock they share."""
 
-    def __init__(self, acceptor: Callable[[], Any], kick: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        acceptor: Callable[[], Any],
+        kick: Callable[[Any], None],
+        notify_acked: Callable[[int], None] = lambda pin: None,
+        notify_masked: Callable[[int, bool], None] = lambda pin, masked: None,
+    ) -> None:
         self.lock = threading.RLock()
         self.pics = (KvmKpicState(self, True), KvmKpicState(self, False))
         self.output = False
         self.wakeup_needed = False
         self.acceptor = acceptor  # the first vCPU whose LAPIC accepts PIC interrupts, or None
         self.kick = kick  # kvm_vcpu_kick
+        # pins (0-15) acknowledged and mask changes, told to the notifiers after unlocking
+        self.acked: list[int] = []
+        self.masked: list[tuple[int, bool]] = []
+        self.notify_acked = notify_acked  # kvm_notify_acked_irq for this chip pair
+        self.notify_masked = notify_masked  # kvm_fire_mask_notifiers
 
     def unlock_and_wake(self) -> None:
-        """pic_unlock: after the lock is released, kick the vCPU if the output rose."""
+        """pic_unlock: after the lock is released, tell the ack and mask notifiers what
+        happened under it, and kick the vCPU if the output rose."""
+        with self.lock:
+            acked, self.acked = self.acked, []
+            masked, self.masked = self.masked, []
+        for pin, mask in masked:
+            self.notify_masked(pin, mask)
+        for pin in acked:
+            self.notify_acked(pin)
         wake, self.wakeup_needed = self.wakeup_needed, False
         if wake:
             vcpu = self.acceptor()

@@ -31,9 +31,16 @@ MASK = 1 << 16
 class KvmIoapic:
     """struct kvm_ioapic."""
 
-    def __init__(self, deliver: Callable[[int], int]) -> None:
+    def __init__(
+        self,
+        deliver: Callable[[int], int],
+        notify_acked: Callable[[int], None] = lambda pin: None,
+        notify_masked: Callable[[int, bool], None] = lambda pin, masked: None,
+    ) -> None:
         self.lock = threading.RLock()
         self.deliver = deliver  # kvm_irq_delivery_to_apic for one redirection entry
+        self.notify_acked = notify_acked  # kvm_notify_acked_irq for a pin
+        self.notify_masked = notify_masked  # kvm_fire_mask_notifiers for a pin
         self.redirtbl = [0] * KVM_IOAPIC_NUM_PINS
         self.base_address = IOAPIC_DEFAULT_BASE_ADDRESS
         self.ioregsel = self.id = self.irr = self.irr_delivered = 0
@@ -113,12 +120,20 @@ def kvm_set_ioapic(ioapic: KvmIoapic, state: kvm_ioapic_state) -> None:
                 ioapic_set_irq(ioapic, pin, 1)
 
 
-@traced(args=lambda ioapic, vector: {"vector": vector})
-def kvm_ioapic_update_eoi(ioapic: KvmIoapic, vector: int) -> None:
-    """A local APIC's EOI of a level-triggered vector: clear remote IRR on the pins with that
-    vector, and deliver again the ones whose line is still high."""
+@traced(args=lambda ioapic, vector, level: {"vector": vector, "level": level})
+def kvm_ioapic_update_eoi(ioapic: KvmIoapic, vector: int, level: bool) -> None:
+    """A local APIC's EOI: the pins with that vector are acknowledged (their ack notifiers
+    hear of it, outside the lock); for a level-triggered EOI remote IRR clears and a line
+    still high is delivered again."""
     with ioapic.lock:
-        for pin, entry in enumerate(ioapic.redirtbl):
+        pins = [pin for pin, entry in enumerate(ioapic.redirtbl) if entry & 0xFF == vector]
+    for pin in pins:
+        ioapic.notify_acked(pin)
+    if not level:
+        return
+    with ioapic.lock:
+        for pin in pins:
+            entry = ioapic.redirtbl[pin]
             if entry & 0xFF != vector or not entry & TRIG_MODE:
                 continue
             ioapic.redirtbl[pin] = entry & ~REMOTE_IRR
@@ -159,6 +174,8 @@ def ioapic_write_indirect(ioapic: KvmIoapic, val: int) -> None:
     if not entry & TRIG_MODE:
         entry &= ~REMOTE_IRR
     ioapic.redirtbl[index] = entry
+    if (old ^ entry) & MASK:
+        ioapic.notify_masked(index, bool(entry & MASK))
     level_pending = entry & TRIG_MODE and ioapic.irr & (1 << index)
     if level_pending and not entry & MASK and not entry & REMOTE_IRR:
         ioapic_service(ioapic, index)
@@ -195,4 +212,4 @@ def ioapic_mmio_write(ioapic: KvmIoapic, gpa: int, data: bytes) -> None:
         elif offset == IOAPIC_REG_WINDOW:
             ioapic_write_indirect(ioapic, val)
     if offset == IOAPIC_REG_EOI:
-        kvm_ioapic_update_eoi(ioapic, val & 0xFF)
+        kvm_ioapic_update_eoi(ioapic, val & 0xFF, True)

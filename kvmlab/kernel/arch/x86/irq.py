@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,12 +81,24 @@ class RoutingEntry:
 
 
 @dataclass
+class IrqNotifier:
+    """struct kvm_irq_ack_notifier / kvm_irq_mask_notifier: `func` hears of a GSI's EOIs
+    (no argument) or mask changes (the new mask)."""
+
+    gsi: int
+    func: Callable[..., None]
+
+
+@dataclass
 class KvmIrqchip:
-    """What KVM_CREATE_IRQCHIP adds to struct kvm_arch: vpic, vioapic, the routing table."""
+    """What KVM_CREATE_IRQCHIP adds to struct kvm_arch: vpic, vioapic, the routing table, and
+    the notifiers the in-kernel PIT registers for GSI 0."""
 
     vpic: KvmPic
     vioapic: KvmIoapic
     routing: dict[int, list[RoutingEntry]] = field(default_factory=dict)
+    ack_notifiers: list[IrqNotifier] = field(default_factory=list)
+    mask_notifiers: list[IrqNotifier] = field(default_factory=list)
 
 
 def irqchip_in_kernel(kvm: Any) -> bool:
@@ -129,12 +142,52 @@ def kvm_vm_ioctl_create_irqchip(kvm: Any) -> int:
         if kvm.created_vcpus:
             note("vCPUs exist: their APICs would be missing", created_vcpus=kvm.created_vcpus)
             fail(errno.EINVAL)
-        pic = KvmPic(lambda: pic_acceptor(kvm), kvm_vcpu_kick)
-        ioapic = KvmIoapic(lambda entry: ioapic_deliver(kvm, entry))
+        pic = KvmPic(
+            lambda: pic_acceptor(kvm),
+            kvm_vcpu_kick,
+            lambda pin: kvm_notify_acked_irq(kvm, pic_chip(pin), pin),
+            lambda pin, masked: kvm_fire_mask_notifiers(kvm, pic_chip(pin), pin, masked),
+        )
+        ioapic = KvmIoapic(
+            lambda entry: ioapic_deliver(kvm, entry),
+            lambda pin: kvm_notify_acked_irq(kvm, KVM_IRQCHIP_IOAPIC, pin),
+            lambda pin, masked: kvm_fire_mask_notifiers(kvm, KVM_IRQCHIP_IOAPIC, pin, masked),
+        )
         chip = KvmIrqchip(pic, ioapic)
         kvm_setup_default_irq_routing(chip)
         kvm.arch.irqchip = chip
     return 0
+
+
+def pic_chip(pin: int) -> int:
+    """SELECT_PIC: the chip of a PIC pin numbered 0-15 across the pair."""
+    return KVM_IRQCHIP_PIC_MASTER if pin < 8 else KVM_IRQCHIP_PIC_SLAVE
+
+
+def kvm_irq_map_chip_pin(kvm: Any, irqchip: int, pin: int) -> int | None:
+    """The GSI routed to a chip's pin, if any."""
+    for gsi, entries in list(kvm.arch.irqchip.routing.items()):
+        for e in entries:
+            if e.type == KVM_IRQ_ROUTING_IRQCHIP and (e.irqchip, e.pin) == (irqchip, pin):
+                return gsi
+    return None
+
+
+@traced(args=lambda kvm, irqchip, pin: {"irqchip": irqchip, "pin": pin})
+def kvm_notify_acked_irq(kvm: Any, irqchip: int, pin: int) -> None:
+    """A chip's pin was acknowledged (the guest's EOI): tell the GSI's ack notifiers."""
+    gsi = kvm_irq_map_chip_pin(kvm, irqchip, pin)
+    for n in list(kvm.arch.irqchip.ack_notifiers):
+        if n.gsi == gsi:
+            n.func()
+
+
+def kvm_fire_mask_notifiers(kvm: Any, irqchip: int, pin: int, masked: bool) -> None:
+    """A chip's pin was masked or unmasked: tell the GSI's mask notifiers."""
+    gsi = kvm_irq_map_chip_pin(kvm, irqchip, pin)
+    for n in list(kvm.arch.irqchip.mask_notifiers):
+        if n.gsi == gsi:
+            n.func(masked)
 
 
 @traced()

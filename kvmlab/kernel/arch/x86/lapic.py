@@ -297,7 +297,7 @@ def kvm_get_apic_interrupt(vcpu: Any) -> int:
 
 @traced(args=lambda apic: {"vcpu": apic.vcpu.vcpu_id})
 def apic_set_eoi(apic: KvmLapic) -> None:
-    """EOI: the highest in-service vector is done; a level-triggered one also tells the IOAPIC."""
+    """EOI: the highest in-service vector is done, and the IOAPIC is told."""
     with apic.lock:
         vector = _highest_vector(apic, APIC_ISR)
         if vector == -1:
@@ -305,14 +305,15 @@ def apic_set_eoi(apic: KvmLapic) -> None:
         _set_vector_bit(apic, APIC_ISR, vector, False)
         apic_update_ppr(apic)
         level = _vector_bit(apic, APIC_TMR, vector)
-    if level:
-        kvm_ioapic_send_eoi(apic, vector)
+    kvm_ioapic_send_eoi(apic, vector, level)
 
 
-def kvm_ioapic_send_eoi(apic: KvmLapic, vector: int) -> None:
+def kvm_ioapic_send_eoi(apic: KvmLapic, vector: int, level: bool) -> None:
+    """The IOAPIC hears of every EOI (its ack notifiers want the edge ones too); TMR says
+    whether it was level-triggered."""
     chip = apic.vcpu.kvm.arch.irqchip
     if chip is not None:
-        kvm_ioapic_update_eoi(chip.vioapic, vector)
+        kvm_ioapic_update_eoi(chip.vioapic, vector, level)
 
 
 def kvm_vcpu_kick(vcpu: Any) -> None:

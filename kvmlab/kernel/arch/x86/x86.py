@@ -67,6 +67,7 @@ from kvmlab.uapi import (
     KVM_CAP_PIT2,
     KVM_CAP_PIT_STATE2,
     KVM_CAP_READONLY_MEM,
+    KVM_CAP_REINJECT_CONTROL,
     KVM_CAP_SET_GUEST_DEBUG,
     KVM_CAP_SET_IDENTITY_MAP_ADDR,
     KVM_CAP_SET_TSS_ADDR,
@@ -363,7 +364,7 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
         return 1
     if cap in (KVM_CAP_TSC_DEADLINE_TIMER, KVM_CAP_SIGNAL_MSI):
         return 1
-    if cap in (KVM_CAP_PIT, KVM_CAP_PIT2, KVM_CAP_PIT_STATE2):
+    if cap in (KVM_CAP_PIT, KVM_CAP_PIT2, KVM_CAP_PIT_STATE2, KVM_CAP_REINJECT_CONTROL):
         return 1
     if cap == KVM_CAP_IRQ_ROUTING:
         return KVM_MAX_IRQ_ROUTES

@@ -51,7 +51,6 @@ KVM_MMIO_BUS, KVM_PIO_BUS, KVM_VIRTIO_CCW_NOTIFY_BUS = 0, 1, 2
 KVM_NR_BUSES = 3
 # <linux/kvm.h> values that kvmlab.uapi does not carry yet
 KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY = 1 << 3
-KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 
 WATCH_BOUND = 1.0  # seconds: the watcher's epoll_wait never blocks longer than this
 STOP_BOUND = 5.0  # seconds: how long VM release waits for the watcher to finish an injection
@@ -193,6 +192,19 @@ class KvmKernelIrqfd:
     eventfd_id: int
     token: int  # its epoll item's data
     pending: bool  # the eventfd was signalled before KVM_IRQFD: injected once, counter kept
+    resampler: KvmKernelIrqfdResampler | None = None  # a RESAMPLE irqfd's
+    resamplefd: int = -1  # ... and its hold on the resample eventfd (a dup)
+
+
+@dataclass(eq=False)
+class KvmKernelIrqfdResampler:
+    """struct kvm_kernel_irqfd_resampler: the RESAMPLE irqfds of one GSI and the ack notifier
+    that lowers the line and signals their resamplefds at the guest's EOI."""
+
+    kvm: Any
+    gsi: int
+    irqfds: list[KvmKernelIrqfd] = field(default_factory=list)
+    notifier: Any = None
 
 
 class IrqfdWatcher:
@@ -271,14 +283,64 @@ class KvmIrqfds:
     items: dict[int, KvmKernelIrqfd] = field(default_factory=dict)
     watcher: IrqfdWatcher | None = None
     tokens: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    resamplers: dict[int, KvmKernelIrqfdResampler] = field(default_factory=dict)  # by GSI
 
 
 @traced(args=lambda irqfd: {"gsi": irqfd.gsi})
 def irqfd_inject(irqfd: KvmKernelIrqfd) -> None:
-    """The eventfd was signalled: an edge on the GSI, raised and lowered at once."""
+    """The eventfd was signalled: an edge on the GSI, raised and lowered at once; a RESAMPLE
+    irqfd's line stays high until the guest's EOI (a level-triggered device)."""
     kvm = irqfd.kvm
     kvm.arch_ops.kvm_set_irq(kvm, irqfd.gsi, 1)
-    kvm.arch_ops.kvm_set_irq(kvm, irqfd.gsi, 0)
+    if irqfd.resampler is None:
+        kvm.arch_ops.kvm_set_irq(kvm, irqfd.gsi, 0)
+
+
+@traced(args=lambda resampler: {"gsi": resampler.gsi})
+def irqfd_resampler_ack(resampler: KvmKernelIrqfdResampler) -> None:
+    """The guest acknowledged the GSI: lower the line and tell every resamplefd, so the
+    device (userspace) can check whether it still needs service and signal again."""
+    kvm = resampler.kvm
+    kvm.arch_ops.kvm_set_irq(kvm, resampler.gsi, 0)
+    for irqfd in list(resampler.irqfds):
+        eventfd_signal(irqfd.resamplefd)
+
+
+def irqfd_resampler_get(kvm: Any, irqfds: KvmIrqfds, irqfd: KvmKernelIrqfd) -> None:
+    """Join the GSI's resampler, making it (and its ack notifier) for the first. Holds
+    irqfds.lock."""
+    resampler = irqfds.resamplers.get(irqfd.gsi)
+    if resampler is None:
+        resampler = KvmKernelIrqfdResampler(kvm, irqfd.gsi)
+        ack = resampler  # bound now: the notifier outlives this frame
+        resampler.notifier = kvm.arch_ops.kvm_register_irq_ack_notifier(
+            kvm, irqfd.gsi, lambda: irqfd_resampler_ack(ack)
+        )
+        irqfds.resamplers[irqfd.gsi] = resampler
+    resampler.irqfds.append(irqfd)
+    irqfd.resampler = resampler
+
+
+def irqfd_resampler_shutdown(irqfds: KvmIrqfds, irqfd: KvmKernelIrqfd) -> None:
+    """Leave the resampler; the last one out unregisters it and lowers the line. Holds
+    irqfds.lock."""
+    resampler = irqfd.resampler
+    if resampler is None:
+        return
+    resampler.irqfds.remove(irqfd)
+    os.close(irqfd.resamplefd)
+    irqfd.resampler, irqfd.resamplefd = None, -1
+    if not resampler.irqfds:
+        kvm = resampler.kvm
+        kvm.arch_ops.kvm_unregister_irq_ack_notifier(kvm, resampler.notifier)
+        kvm.arch_ops.kvm_set_irq(kvm, resampler.gsi, 0)
+        del irqfds.resamplers[resampler.gsi]
+
+
+def irqfd_shutdown(irqfds: KvmIrqfds, irqfd: KvmKernelIrqfd) -> None:
+    """Forget an irqfd (irqfd_deactivate and irqfd_shutdown). Holds irqfds.lock."""
+    del irqfds.items[irqfd.token]
+    irqfd_resampler_shutdown(irqfds, irqfd)
 
 
 @traced(args=lambda irqfds, token: {"token": token})
@@ -310,7 +372,7 @@ def irqfd_prune(irqfds: KvmIrqfds) -> None:
     live = irqfds.watcher.live_tokens()
     for token in [t for t in irqfds.items if t not in live]:
         note("the eventfd's last fd was closed: irqfd gone", gsi=irqfds.items[token].gsi)
-        del irqfds.items[token]
+        irqfd_shutdown(irqfds, irqfds.items[token])
 
 
 @traced(args=lambda kvm, args: {"fd": user_fd(args.fd), "gsi": args.gsi, "flags": args.flags})
@@ -326,18 +388,22 @@ def kvm_irqfd_assign(kvm: Any, args: kvm_h.kvm_irqfd) -> int:
         fail(errno.EINVAL)
     fd = user_fd(args.fd)
     ctx = eventfd_ctx_fdget(fd)
-    if args.flags & KVM_IRQFD_FLAG_RESAMPLE:
-        eventfd_ctx_fdget(user_fd(args.resamplefd))
+    resample = bool(args.flags & KVM_IRQFD_FLAG_RESAMPLE)
+    resample_fd = user_fd(args.resamplefd)
+    resample_id = eventfd_ctx_fdget(resample_fd).id if resample else 0
     irqfds: KvmIrqfds = kvm.irqfds
     with irqfds.lock:
         irqfd_prune(irqfds)
         if any(other.eventfd_id == ctx.id for other in irqfds.items.values()):
             note("this eventfd already drives a GSI")
             fail(errno.EBUSY)
-        if args.flags & KVM_IRQFD_FLAG_RESAMPLE:
-            note("no resampler: kvmlab's irqchip has no EOI (ack) notifiers")
-            fail(errno.EINVAL)
         irqfd = KvmKernelIrqfd(kvm, args.gsi, fd, ctx.id, next(irqfds.tokens), ctx.count > 0)
+        if resample:
+            hold = eventfd_dup(resample_fd, resample_id)
+            if hold is None:
+                fail(errno.EBADF)  # closed between the check and here
+            irqfd.resamplefd = hold
+            irqfd_resampler_get(kvm, irqfds, irqfd)
         if irqfds.watcher is None:
             irqfds.watcher = IrqfdWatcher(irqfds)
         irqfds.watcher.add(irqfd)
@@ -353,7 +419,7 @@ def kvm_irqfd_deassign(kvm: Any, args: kvm_h.kvm_irqfd) -> int:
         irqfd_prune(irqfds)
         for irqfd in list(irqfds.items.values()):
             if irqfd.eventfd_id == ctx.id and irqfd.gsi == args.gsi:
-                del irqfds.items[irqfd.token]  # irqfd_deactivate
+                irqfd_shutdown(irqfds, irqfd)  # irqfd_deactivate
                 if irqfds.watcher is not None:
                     irqfds.watcher.remove(irqfd)
     return 0
@@ -374,7 +440,8 @@ def kvm_irqfd_release(kvm: Any) -> None:
     reference for its irqfds, so they stop here even while vCPU fds keep the VM)."""
     irqfds: KvmIrqfds = kvm.irqfds
     with irqfds.lock:
-        irqfds.items.clear()
+        for irqfd in list(irqfds.items.values()):
+            irqfd_shutdown(irqfds, irqfd)
         watcher, irqfds.watcher = irqfds.watcher, None
     if watcher is not None:
         watcher.stop()

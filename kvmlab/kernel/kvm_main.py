@@ -15,6 +15,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ from kvmlab.uapi import (
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_INTERNAL_ERROR_DATA,
     KVM_CAP_IOEVENTFD,
+    KVM_CAP_IOEVENTFD_ANY_LENGTH,
     KVM_CAP_IRQFD,
     KVM_CAP_JOIN_MEMORY_REGIONS_WORKS,
     KVM_CAP_NR_MEMSLOTS,
@@ -86,6 +88,10 @@ class KvmArch(Protocol):
     def kvm_arch_vcpu_ioctl_get_mpstate(self, vcpu: KvmVcpu) -> int: ...
     def kvm_arch_irqfd_allowed(self, kvm: Kvm) -> bool: ...
     def kvm_set_irq(self, kvm: Kvm, gsi: int, level: int) -> int: ...
+    def kvm_register_irq_ack_notifier(
+        self, kvm: Kvm, gsi: int, func: Callable[[], None]
+    ) -> Any: ...
+    def kvm_unregister_irq_ack_notifier(self, kvm: Kvm, notifier: Any) -> None: ...
 
 
 class GuestLock:
@@ -327,7 +333,7 @@ def kvm_vm_ioctl_check_extension_generic(kvm: Kvm | None, cap: int) -> int:
         KVM_CAP_INTERNAL_ERROR_DATA,
         KVM_CAP_IRQFD,
         KVM_CAP_IOEVENTFD,
-        eventfd.KVM_CAP_IOEVENTFD_ANY_LENGTH,
+        KVM_CAP_IOEVENTFD_ANY_LENGTH,
         KVM_CAP_CHECK_EXTENSION_VM,
         KVM_CAP_IMMEDIATE_EXIT,
     ):

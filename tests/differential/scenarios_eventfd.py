@@ -9,8 +9,8 @@
   irqfd outlives the fd it was assigned through while another fd keeps the eventfd open;
   after DEASSIGN, and after the VM fd is closed, a signal interrupts nothing.
 
-Upstream KVM has irqfd resamplers (KVM_IRQFD_FLAG_RESAMPLE); kvmlab's irqchip has no EOI
-notifiers yet, so a resample irqfd that would be accepted is EINVAL there (documented).
+- a RESAMPLE irqfd on a level-triggered IOAPIC pin: the line stays high until the guest's EOI,
+  which lowers it and signals the resamplefd.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from typing import Any
 
 from kvmlab.uapi import (
     KVM_CAP_IOEVENTFD,
+    KVM_CAP_IOEVENTFD_ANY_LENGTH,
+    KVM_CAP_IOEVENTFD_NO_LENGTH,
     KVM_CAP_IRQFD,
+    KVM_CAP_IRQFD_RESAMPLE,
     KVM_CHECK_EXTENSION,
     KVM_CREATE_IRQCHIP,
     KVM_EXIT_IO,
@@ -41,11 +44,19 @@ from kvmlab.uapi import (
 )
 
 from .guest import Fds, Machine, machine, try_ioctl
-from .registry import scenario
-from .scenarios_irqchip import chip_machine, name, pic_guest
+from .registry import host_is_pvm, scenario
+from .scenarios_irqchip import chip_machine, ioapic, name, pic_guest
+from .scenarios_lapic import (
+    CODE,
+    HANDLERS,
+    IOAPIC_GUEST,
+    IOAPIC_HANDLER,
+    apic_vm,
+    asm,
+    run_to_io,
+    set_vector,
+)
 
-KVM_CAP_IRQFD_RESAMPLE = 82
-KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY = 1 << 3
 PIO, DM = KVM_IOEVENTFD_FLAG_PIO, KVM_IOEVENTFD_FLAG_DATAMATCH
 DEASSIGN = KVM_IOEVENTFD_FLAG_DEASSIGN
@@ -86,14 +97,10 @@ def irqfd(
     return try_ioctl(k, vm_fd, KVM_IRQFD, bytes(arg))
 
 
-@scenario(
-    documented={
-        "cap_resample": {"sim": 0, "host": 1},
-    }
-)
+@scenario
 def eventfd_capabilities(k: Any) -> dict[str, Any]:
     """KVM_CAP_IRQFD, KVM_CAP_IOEVENTFD and KVM_CAP_IOEVENTFD_ANY_LENGTH are 1 on /dev/kvm
-    and on a VM; KVM_CAP_IRQFD_RESAMPLE is 1 on the host, 0 in kvmlab (no resamplers)."""
+    and on a VM; so are KVM_CAP_IRQFD_RESAMPLE and KVM_CAP_IOEVENTFD_NO_LENGTH on the VM."""
     with Fds(k) as fds:
         sys_fd = fds.open_kvm()
         vm_fd = fds.create_vm(sys_fd)
@@ -103,6 +110,7 @@ def eventfd_capabilities(k: Any) -> dict[str, Any]:
                 k.ioctl(fd, KVM_CHECK_EXTENSION, cap) for fd in (sys_fd, vm_fd) for cap in caps
             ),
             "cap_resample": k.ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_IRQFD_RESAMPLE),
+            "cap_no_length": k.ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_IOEVENTFD_NO_LENGTH),
         }
     assert out["caps"] == (1,) * 6
     return out
@@ -165,11 +173,7 @@ def ioeventfd_errnos(k: Any) -> dict[str, Any]:
     return out
 
 
-@scenario(
-    documented={
-        "resample_accepted": {"sim": "EINVAL", "host": 0},
-    }
-)
+@scenario
 def irqfd_errnos(k: Any) -> dict[str, Any]:
     """KVM_IRQFD: unknown flags EINVAL; without an in-kernel irqchip every assign is EINVAL
     (x86), while DEASSIGN checks only the fd and is 0 even for an eventfd never assigned.
@@ -369,4 +373,49 @@ def irqfd_interrupts_halted_guest(k: Any) -> dict[str, Any]:
     assert out["woke"] == out["pending"] == out["through_other_fd"] == HANDLER_RAN
     assert out["counter_after"] == out["other_fd_counter"] == 0 and out["pending_counter"] == 3
     assert out["after_deassign"] == out["after_vm_close"] == "EINTR"
+    return out
+
+
+# VMX: the line stays high through the handler; its EOI lowers it and signals the resamplefd.
+# PVM acknowledges the level interrupt as it delivers it (no ISR bit, remote IRR already clear:
+# see the lapic and IOAPIC scenarios), so its resampler has run before the handler does.
+RESAMPLE_VMX = {"in_handler": (("IO", 0x10, 0x45), 0, 1), "after_eoi": (("IO", 0x11, 0), 1, 0)}
+RESAMPLE_PVM = {"in_handler": (("IO", 0x10, 0x45), 1, 0), "after_eoi": (("IO", 0x11, 0), 0, 0)}
+
+
+@scenario(
+    documented={
+        key: {
+            "sim": RESAMPLE_VMX[key],
+            "host": (RESAMPLE_PVM if host_is_pvm() else RESAMPLE_VMX)[key],
+        }
+        for key in RESAMPLE_VMX
+    }
+)
+def irqfd_resample_on_a_level_pin(k: Any) -> dict[str, Any]:
+    """A RESAMPLE irqfd on GSI 5, which the guest routed (IOAPIC, level-triggered) to its
+    handler: the signal raises the line and it stays high (remote IRR set) while the handler
+    runs; the handler's EOI lowers it and signals the resamplefd, once; nothing is delivered
+    again. DEASSIGN lowers the line of a resampler it ends."""
+    with apic_vm(k) as (m,), eventfds(2) as (efd, resample):
+        m.write(CODE, asm(IOAPIC_GUEST, CODE))
+        m.write(HANDLERS, asm(IOAPIC_HANDLER, HANDLERS))
+        set_vector(m, 0x45, HANDLERS)
+        flags = KVM_IRQFD_FLAG_RESAMPLE
+        out: dict[str, Any] = {
+            "assign": irqfd(k, m.vm_fd, efd, gsi=5, flags=flags, resamplefd=resample)
+        }
+        out["programmed"] = run_to_io(m)
+        os.eventfd_write(efd, 1)
+        out["in_handler"] = (run_to_io(m), counter(resample), ioapic(k, m.vm_fd)["irr"] >> 5 & 1)
+        out["after_eoi"] = (run_to_io(m), counter(resample), ioapic(k, m.vm_fd)["irr"] >> 5 & 1)
+        out["then"] = run_to_io(m, limit=0.1)
+        os.eventfd_write(efd, 1)
+        out["again"] = run_to_io(m)
+        deassign = KVM_IRQFD_FLAG_DEASSIGN
+        out["deassign"] = irqfd(k, m.vm_fd, efd, gsi=5, flags=deassign)
+        out["line_after_deassign"] = ioapic(k, m.vm_fd)["irr"] >> 5 & 1
+    assert out["assign"] == 0 and out["then"] == "EINTR", out
+    assert out["in_handler"][1] + out["after_eoi"][1] == 1, out  # the resamplefd, once
+    assert out["line_after_deassign"] == 0
     return out

@@ -182,6 +182,17 @@ def kvm_notify_acked_irq(kvm: Any, irqchip: int, pin: int) -> None:
             n.func()
 
 
+def kvm_register_irq_ack_notifier(kvm: Any, gsi: int, func: Callable[[], None]) -> IrqNotifier:
+    """A new ack notifier on `gsi` (an irqfd resampler, the PIT)."""
+    notifier = IrqNotifier(gsi, func)
+    kvm.arch.irqchip.ack_notifiers.append(notifier)
+    return notifier
+
+
+def kvm_unregister_irq_ack_notifier(kvm: Any, notifier: IrqNotifier) -> None:
+    kvm.arch.irqchip.ack_notifiers.remove(notifier)
+
+
 def kvm_fire_mask_notifiers(kvm: Any, irqchip: int, pin: int, masked: bool) -> None:
     """A chip's pin was masked or unmasked: tell the GSI's mask notifiers."""
     gsi = kvm_irq_map_chip_pin(kvm, irqchip, pin)

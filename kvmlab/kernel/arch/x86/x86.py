@@ -56,9 +56,11 @@ from kvmlab.uapi import (
     KVM_CAP_EXT_CPUID,
     KVM_CAP_GET_TSC_KHZ,
     KVM_CAP_HLT,
+    KVM_CAP_IOEVENTFD_NO_LENGTH,
     KVM_CAP_IRQ_INJECT_STATUS,
     KVM_CAP_IRQ_ROUTING,
     KVM_CAP_IRQCHIP,
+    KVM_CAP_IRQFD_RESAMPLE,
     KVM_CAP_MAX_VCPU_ID,
     KVM_CAP_MAX_VCPUS,
     KVM_CAP_MP_STATE,
@@ -362,7 +364,9 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm | None, cap: int) -> int:
         return 1
     if cap in (KVM_CAP_GET_TSC_KHZ, KVM_CAP_IRQCHIP, KVM_CAP_IRQ_INJECT_STATUS):
         return 1
-    if cap in (KVM_CAP_TSC_DEADLINE_TIMER, KVM_CAP_SIGNAL_MSI):
+    if cap in (KVM_CAP_TSC_DEADLINE_TIMER, KVM_CAP_SIGNAL_MSI, KVM_CAP_IRQFD_RESAMPLE):
+        return 1
+    if cap == KVM_CAP_IOEVENTFD_NO_LENGTH:
         return 1
     if cap in (KVM_CAP_PIT, KVM_CAP_PIT2, KVM_CAP_PIT_STATE2, KVM_CAP_REINJECT_CONTROL):
         return 1
@@ -1564,6 +1568,8 @@ class X86:
     kvm_arch_vcpu_ioctl_get_mpstate = staticmethod(kvm_arch_vcpu_ioctl_get_mpstate)
     kvm_arch_irqfd_allowed = staticmethod(x86_irq.irqchip_in_kernel)
     kvm_set_irq = staticmethod(x86_irq.kvm_set_irq)
+    kvm_register_irq_ack_notifier = staticmethod(x86_irq.kvm_register_irq_ack_notifier)
+    kvm_unregister_irq_ack_notifier = staticmethod(x86_irq.kvm_unregister_irq_ack_notifier)
 
 
 # --- module load and unload -------------------------------------------------------------------

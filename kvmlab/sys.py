@@ -76,9 +76,17 @@ def ioctl(fd: int, request: int, arg: Any = 0, mutate_flag: bool = True) -> Any:
         fs.fput(file)
 
 
+def _syscall_return(r: int) -> int:
+    """The system call's convention: a result in [-4095, -1] is an errno, whatever produced it
+    (KVM_GET_TSC_KHZ of 0xffffff84 kHz reads as errno 124 on the host too)."""
+    if -4095 <= r < 0:
+        raise OSError(-r, os.strerror(-r))
+    return r
+
+
 def _ioctl(file: fs.File, request: int, arg: Any, mutate_flag: bool) -> Any:
     if isinstance(arg, int):
-        return file.f_op.unlocked_ioctl(file, request, arg & _ULONG)
+        return _syscall_return(file.f_op.unlocked_ioctl(file, request, arg & _ULONG))
     view = memoryview(arg).cast("B")
     if (view.readonly or not mutate_flag) and len(view) > _FCNTL_BUFSZ:
         raise ValueError("ioctl string arg too long")
@@ -94,8 +102,9 @@ def _ioctl(file: fs.File, request: int, arg: Any, mutate_flag: bool) -> Any:
         if not view.readonly and mutate_flag:
             view[:] = ctypes.string_at(bounce, len(view))
     if view.readonly or not mutate_flag:
+        _syscall_return(r)
         return ctypes.string_at(bounce, len(view))
-    return r
+    return _syscall_return(r)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -166,6 +166,9 @@ def tsc_rate_and_rdtsc(k: Any) -> dict[str, Any]:
             # a rate of 2**31 kHz is taken, and reads back through KVM's `int r`: negative
             "huge": try_ioctl(k, m.vcpu_fd, KVM_SET_TSC_KHZ, 0x8000_0000),
             "huge_reads": try_ioctl(k, m.vcpu_fd, KVM_GET_TSC_KHZ, 0),
+            # ... and one within 4095 of 2**32 reads back as an errno, by the syscall convention
+            "huger": try_ioctl(k, m.vcpu_fd, KVM_SET_TSC_KHZ, 0xFFFF_FF84),
+            "huger_reads": try_ioctl(k, m.vcpu_fd, KVM_GET_TSC_KHZ, 0),
             "exit": name(m.run()),
         }
         a, b = struct.unpack_from("<QQ", m.mem, DATA_ADDR)

@@ -1,8 +1,10 @@
 """Resident memory across VM lifetimes and at the limits, on the simulator (the host's memory is
 its kernel's, not this process's).
 
-(e) 10,000 create/run/destroy cycles leave RSS flat: RSS before and after, against the first
-    100 cycles (the allocator's warm-up), and the time per cycle. Target: after/before <= 1.05.
+(e) 10,000 create/run/destroy cycles leave RSS flat: RSS before (after 100 cycles, the
+    allocator's warm-up) and after, and the time per cycle. Target: it grows by less than
+    5 MiB. (It grew by 25-35 MiB while each vCPU's Unicorn engine was freed by the garbage
+    collector instead of with its VM: see close_engine in kvmlab/kernel/arch/x86/uc.py.)
 (g) 1,000 vCPUs in one VM: RSS before, with them, and after closing them (each vCPU is a
     Unicorn engine; what closing leaves is the allocator's high-water mark, flat across rounds).
 (h) A 1 GiB slot is mapped without copying: RSS grows by less than 16 MiB when it is added and
@@ -31,6 +33,8 @@ from kvmlab.uapi import (
     kvm_sregs,
     kvm_userspace_memory_region,
 )
+
+FLAT_MIB = 5.0  # (e): RSS growth over the cycles that still counts as flat
 
 
 def rss_mib() -> float:
@@ -73,13 +77,18 @@ def vm_lifetimes(cycles: int) -> list[Figure]:
     per_cycle = (time.perf_counter() - start) / cycles
     gc.collect()
     after = rss_mib()
+    growth = after - before
+    verdict = "met" if growth < FLAT_MIB else "NOT met"
     print(f"(e) {cycles} VM lifetimes (create, a memslot, a vCPU, KVM_RUN, close)")
-    print(f"    RSS {before:.1f} MiB -> {after:.1f} MiB   ratio {after / before:.2f}"
-          f"   {per_cycle * 1e3:.2f} ms per VM   (target: after/before <= 1.05)")  # fmt: skip
+    print(
+        f"    RSS {before:.1f} MiB -> {after:.1f} MiB   growth {growth:+.1f} MiB"
+        f"   (target: flat, growth < {FLAT_MIB:g} MiB: {verdict})"
+    )
+    print(f"    {per_cycle * 1e3:.2f} ms per VM")
     k.close(kvm)
     return [
-        figure("lifetimes", f"RSS after {cycles} VM lifetimes", after, "MiB",
-               "RSS after the first 100", before, "ratio <= 1.05"),
+        figure("lifetimes", f"RSS growth over {cycles} VM lifetimes", growth, "MiB",
+               target=f"value < {FLAT_MIB:g}"),
         figure("lifetimes", "one VM lifetime (create, slot, vCPU, run, close)",
                per_cycle * 1e3, "ms"),
     ]  # fmt: skip

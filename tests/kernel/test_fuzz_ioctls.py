@@ -22,8 +22,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from test_fuzz_guests import fuzz  # the fuzz profiles, CI's and the long runs'
 
 from kvmlab import host
 from kvmlab import sys as k
@@ -60,22 +61,6 @@ from kvmlab.uapi import (
     KVM_SET_VCPU_EVENTS,
 )
 from kvmlab.uapi.ioctl import _IOC
-
-LONG = os.environ.get("KVMLAB_FUZZ") == "long"
-_COMMON: dict[str, Any] = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-}
-settings.register_profile("kvmlab-fuzz-ci", derandomize=True, database=None, **_COMMON)
-settings.register_profile("kvmlab-fuzz-long", **_COMMON)
-PROFILE = settings.get_profile("kvmlab-fuzz-long" if LONG else "kvmlab-fuzz-ci")
-SCALE = int(os.environ.get("KVMLAB_FUZZ_SCALE", "500")) if LONG else 1
-
-
-def fuzz(examples: int) -> settings:
-    """The fuzz profile with `examples` CI examples (times SCALE in a long run)."""
-    return settings(PROFILE, max_examples=examples * SCALE)
-
 
 SEQUENCE = 20  # ioctls per example
 ERRNOS = set(errno.errorcode)

@@ -24,33 +24,30 @@ from typing import Any
 
 from unicorn import (
     UC_ARCH_ARM64,
-    UC_CTL_IO_WRITE,
-    UC_CTL_TB_FLUSH,
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_OK,
     UC_HOOK_EDGE_GENERATED,
     UC_HOOK_INTR,
-    UC_HOOK_MEM_READ,
     UC_HOOK_MEM_UNMAPPED,
-    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
-    UC_MEM_FETCH_UNMAPPED,
     UC_MEM_WRITE,
     UC_MODE_ARM,
-    UC_PROT_EXEC,
-    UC_PROT_READ,
-    UC_PROT_WRITE,
     Uc,
     UcError,
 )
 from unicorn import arm64_const as uc_arm64
 from unicorn.unicorn_py3.unicorn import uclib
 
-from kvmlab.kernel.arch.x86.uc import emu_count_offset, engine_address
-from kvmlab.kernel.memslots import PAGE_SIZE, KvmMemslots
+from kvmlab.kernel.arch.x86.uc import (
+    RUN_FOREVER,
+    close_engine,
+    emu_count_offset,
+    engine_address,
+)
+from kvmlab.kernel.memslots import KvmMemslots
 from kvmlab.kernel.trace import traced
-from kvmlab.kernel.uaccess import user_range_access
+from kvmlab.kernel.uc_stage2 import UcStage2
 from kvmlab.uapi.arm64 import (
     PSR_A_BIT,
     PSR_D_BIT,
@@ -111,13 +108,8 @@ SCTLR_EL1 = (1, 0, 3, 0, 0)
 SCTLR_ELx_M = 1  # stage-1 MMU on
 VECTOR_CURRENT_SP0, VECTOR_CURRENT_SPX, VECTOR_LOWER_A64 = 0x000, 0x200, 0x400
 VECTOR_SYNC, VECTOR_IRQ = 0x000, 0x080
-RUN_FOREVER = 1 << 62  # keeps Unicorn's per-instruction exit check armed (see x86's engine)
-PAGE_MASK = ~(PAGE_SIZE - 1) & (2**64 - 1)
 _emu_start = uclib.uc_emu_start
 _emu_stop = uclib.uc_emu_stop
-_libc = ctypes.CDLL(None, use_errno=True)
-_memcmp = _libc.memcmp
-_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
 
 GPRS = [getattr(uc_arm64, f"UC_ARM64_REG_X{n}") for n in range(31)]
 VREGS = [getattr(uc_arm64, f"UC_ARM64_REG_V{n}") for n in range(32)]
@@ -181,15 +173,6 @@ class Fault:
     value: int = 0
 
 
-@dataclass(slots=True, frozen=True)
-class MappedSlot:
-    gpa: int
-    size: int
-    hva: int
-    perms: int
-    logged: bool
-
-
 class UcVcpu:
     """One vCPU's Unicorn AArch64 CPU: its stage-2 view of the slots, its hooks, one entry."""
 
@@ -209,25 +192,16 @@ class UcVcpu:
         self.unsupported = ""  # an exception kvmlab's CPU cannot deliver, by name
         self._exit: str | None = None
         self._snapshot: list[int] = []
-        self.mapped: dict[int, MappedSlot] = {}
-        self.unbacked: list[tuple[int, int]] = []
-        self.slots = KvmMemslots()
-        self.generation = -1
-        self.mmio_pages: dict[int, int] = {}
-        self.code_pages: dict[int, tuple[int, bytes]] = {}
-        self._hooks = [
-            uc.hook_add(UC_HOOK_INTR, self._on_interrupt),
-            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped),
-            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot),
-            uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_edge),
-        ]
+        self.stage2 = UcStage2(uc)  # the guest-physical memory this CPU sees (stage 2)
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
+        uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_edge)
 
     def close(self) -> None:
-        for handle in self._hooks:
-            self.uc.hook_del(handle)
-        self._hooks.clear()
-        self.mapped.clear()
-        self.code_pages.clear()
+        """Free the engine now (see close_engine) and the aliases of the slots' memory."""
+        close_engine(self.uc)
+        self.stage2.close()
 
     # --- registers: KVM's saved context (struct kvm_regs) to and from the CPU -----------------
 
@@ -277,67 +251,33 @@ class UcVcpu:
     def write_reg(self, reg: int, value: int | tuple[int, ...]) -> None:
         self.uc.reg_write(reg, value)
 
-    # --- memory: the stage-2 view ---------------------------------------------------------------
+    # --- memory: the stage-2 view (uc_stage2) ---------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """The memslots generation the CPU's memory was last built from."""
+        return self.stage2.generation
 
     def load_memslots(self, slots: KvmMemslots) -> None:
         """Make the CPU's physical memory match the VM's slots (only what changed is remapped)."""
-        wanted: dict[int, MappedSlot] = {}
-        unbacked = []
-        for slot in slots:
-            access = user_range_access(slot.userspace_addr, slot.size)
-            if access is None:
-                unbacked.append((slot.gpa, slot.size))  # faulted in lazily: EFAULT on use
-                continue
-            perms = UC_PROT_READ | UC_PROT_EXEC
-            if access == "rw" and not slot.readonly:
-                perms |= UC_PROT_WRITE
-            logged = slot.dirty_bitmap is not None
-            wanted[slot.id] = MappedSlot(slot.gpa, slot.size, slot.userspace_addr, perms, logged)
-        for page, handle in self.mmio_pages.items():
-            self.uc.hook_del(handle)
-            self.uc.mem_unmap(page, PAGE_SIZE)
-        self.mmio_pages.clear()
-        for id_, old in list(self.mapped.items()):
-            if wanted.get(id_) != old:
-                self.uc.mem_unmap(old.gpa, old.size)
-                del self.mapped[id_]
-        for id_, new in wanted.items():
-            if id_ not in self.mapped:
-                self.uc.mem_map_ptr(new.gpa, new.size, new.perms, new.hva)
-                self.mapped[id_] = new
-            if new.logged:  # dirty logging: write-protect, note each page's first store
-                self.uc.mem_protect(new.gpa, new.size, new.perms & ~UC_PROT_WRITE)
-        self.slots, self.unbacked, self.generation = slots, unbacked, slots.generation
-        self.code_pages.clear()
-        self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+        self.stage2.load_memslots(slots)
 
-    def gpa_to_hva(self, gpa: int) -> int | None:
-        for m in self.mapped.values():
-            if m.gpa <= gpa < m.gpa + m.size:
-                return m.hva + gpa - m.gpa
-        return None
+    def invalidate_stale_code(self) -> None:
+        """Drop translations of guest code the host rewrote (see UcStage2)."""
+        self.stage2.invalidate_stale_code()
 
     def read_insn(self, address: int) -> int | None:
         """The instruction word at a guest address (the MMU is off: addresses are physical)."""
-        hva = self.gpa_to_hva(address)
+        hva = self.stage2.gpa_to_hva(address)
         if hva is None or address & 3:
             return None
         return int.from_bytes(ctypes.string_at(hva, 4), "little")
 
-    def invalidate_stale_code(self) -> None:
-        """Drop translations of guest pages the host rewrote since Unicorn translated them."""
-        for page, (hva, seen) in self.code_pages.items():
-            if _memcmp(hva, seen, PAGE_SIZE):
-                self.uc.ctl_remove_cache(page, page + PAGE_SIZE)
-                self.code_pages[page] = (hva, ctypes.string_at(hva, PAGE_SIZE))
-
     def _on_edge(self, uc: Uc, cur: object, prev: object, _ud: object) -> None:
+        """A new jump between translated blocks: their pages hold translated code."""
         for tb in (cur, prev):
             for address in (tb.pc, tb.pc + tb.size - 1):  # type: ignore[attr-defined]
-                page = address & PAGE_MASK
-                hva = self.gpa_to_hva(page)
-                if hva is not None and page not in self.code_pages:
-                    self.code_pages[page] = (hva, ctypes.string_at(hva, PAGE_SIZE))
+                self.stage2.remember_code_page(address)
 
     # --- hooks: called by Unicorn in the middle of emu_start ------------------------------------
 
@@ -358,25 +298,15 @@ class UcVcpu:
         """A load or store where no slot is mapped: turn the page into an MMIO page and retry
         (code translated before its hook existed would not call it), or, where a slot's host
         memory is missing, report the abort (KVM fails it with EFAULT)."""
-        if access == UC_MEM_FETCH_UNMAPPED:
-            return False  # an instruction abort
-        if any(gpa <= addr < gpa + n for gpa, n in self.unbacked):
+        what = self.stage2.unmapped_access(
+            access, addr, size, self._on_mmio, _mmio_read, _mmio_write
+        )
+        if what == "efault":
             self._record(addr, size, access == UC_MEM_WRITE, value)
             self._stop("abort")
-            return False
-        for page in {addr & PAGE_MASK, (addr + size - 1) & PAGE_MASK}:
-            if page in self.mmio_pages or self.gpa_to_hva(page) is not None:
-                continue
-            uc.mmio_map(page, PAGE_SIZE, _mmio_read, None, _mmio_write, None)
-            self.mmio_pages[page] = uc.hook_add(
-                UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
-                self._on_mmio,
-                None,
-                page,
-                page + PAGE_SIZE - 1,
-            )
-        self._stop("retry")
-        return False
+        elif what == "mmio":
+            self._stop("retry")
+        return False  # a fetch: an instruction abort
 
     def _on_mmio(self, uc: Uc, access: int, addr: int, size: int, value: int, _ud: object) -> None:
         """An access to a page with no slot: a data abort to the hypervisor."""
@@ -389,7 +319,7 @@ class UcVcpu:
     ) -> bool:
         """A store to a write-protected page: a READONLY slot's abort, or dirty logging."""
         self._record(addr, size, True, value)
-        slot = self.slots.gfn_to_memslot(addr >> 12)
+        slot = self.stage2.slots.gfn_to_memslot(addr >> 12)
         self._exit = "dirty" if slot is not None and not slot.readonly else "abort"
         return False
 
@@ -437,11 +367,10 @@ class UcVcpu:
                 raise exc
             why = self._exit
             if why == "retry":
-                uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
-                self.code_pages.clear()
+                self.stage2.flush_code()
                 continue
             if why == "dirty":
-                self._log_dirty(self.fault.ipa)
+                self.stage2.mark_page_dirty(self.fault.ipa)
                 continue
             if err in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
                 pc = uc.reg_read(R.UC_ARM64_REG_PC)
@@ -488,14 +417,6 @@ class UcVcpu:
         if iss is None:
             iss = ESR_ELx_FSC_TRANS_L3 | (ESR_ELx_WNR if self.fault.is_write else 0)
         return self._trap(ESR_ELx_EC_DABT_LOW, iss)
-
-    def _log_dirty(self, gpa: int) -> None:
-        """mark_page_dirty for a logged slot's first store to a page; the store is retried."""
-        slot = self.slots.gfn_to_memslot(gpa >> 12)
-        assert slot is not None and slot.dirty_bitmap is not None
-        index = (gpa >> 12) - slot.base_gfn
-        slot.dirty_bitmap[index // 8] |= 1 << (index % 8)
-        self.uc.mem_protect(gpa & PAGE_MASK, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
 
     def _guest_exception(self, why: str) -> bool:
         """An exception the guest takes at EL1 itself (no VM exit): enter its vector.
@@ -554,10 +475,10 @@ def _uses_sp_el1(pstate: int) -> bool:
     return (pstate & PSR_MODE_MASK) == PSR_MODE_EL1h
 
 
-def _mmio_read(uc: Uc, offset: int, size: int, _ud: object) -> int:
+def _mmio_read(uc: Uc, offset: int, size: int, _page: int) -> int:
     """An MMIO page's reads: the hook has already stopped the CPU; the value is never used."""
     return 0
 
 
-def _mmio_write(uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
+def _mmio_write(uc: Uc, offset: int, size: int, value: int, _page: int) -> None:
     """An MMIO page's writes: the hook stopped the CPU; the store is reported, not done."""

@@ -17,7 +17,6 @@ import ctypes
 import functools
 import mmap
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,11 +34,8 @@ from unicorn import (
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
-    UC_HOOK_MEM_READ,
     UC_HOOK_MEM_UNMAPPED,
-    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
-    UC_MEM_FETCH_UNMAPPED,
     UC_MEM_READ,
     UC_MODE_64,
     UC_PROT_EXEC,
@@ -79,7 +75,8 @@ from kvmlab.kernel.arch.x86.uc_events import (
 )
 from kvmlab.kernel.memslots import PAGE_SIZE, KvmMemslots
 from kvmlab.kernel.trace import traced
-from kvmlab.kernel.uaccess import copy_from_user, user_range_pieces
+from kvmlab.kernel.uaccess import copy_from_user
+from kvmlab.kernel.uc_stage2 import PAGE_MASK, UcStage2
 
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h), reused as the engine's exit codes.
 EXIT_REASON_EXCEPTION_NMI = 0
@@ -116,7 +113,6 @@ _VMCB = mmap.mmap(-1, VMCB_SIZE)  # read only by the CPU, so one serves every vC
 _VMCB[VMCB_MSRPM_BASE_PA : VMCB_MSRPM_BASE_PA + 8] = (VMCB_ADDR + PAGE_SIZE).to_bytes(8, "little")
 _VMCB[PAGE_SIZE:] = b"\xff" * 2 * PAGE_SIZE
 _VMCB_HVA = ctypes.addressof(ctypes.c_char.from_buffer(_VMCB))
-PAGE_MASK = ~(PAGE_SIZE - 1) & (2**64 - 1)
 _REP_PREFIXES = (0xF2, 0xF3)
 _REP_WRITES = frozenset({0xA4, 0xA5, 0xAA, 0xAB, 0x6E, 0x6F})  # MOVS, STOS, OUTS
 _PREFIXES = frozenset(
@@ -126,37 +122,6 @@ _emu_start = uclib.uc_emu_start
 _emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
 _emu_start.argtypes += [ctypes.c_size_t]
 _emu_stop = uclib.uc_emu_stop
-_libc = ctypes.CDLL(None, use_errno=True)
-_memcmp = _libc.memcmp
-_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-_msync = _libc.msync
-_msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-MS_ASYNC = 1
-_mremap = _libc.mremap
-_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
-_mremap.restype = ctypes.c_void_p
-_munmap = _libc.munmap
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MREMAP_MAYMOVE = 1
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def alias_shared_pages(hva: int, size: int) -> int | None:
-    """A second mapping of the shared pages at `hva` (mremap with old_size 0), or None.
-
-    Unicorn dereferences guest memory directly. Through an alias of its own, the program's
-    munmap of the memory behind a slot while a vCPU is in the guest cannot pull the pages
-    from under the engine (the guest keeps them until it next leaves, then sees them gone);
-    the pages are the same, nothing is copied. Private memory cannot be aliased.
-    """
-    addr = _mremap(hva, 0, size, MREMAP_MAYMOVE)
-    return None if addr in (None, MAP_FAILED) else int(addr)
-
-
-def _unmap_views(views: dict[tuple[int, int], tuple[int, int]]) -> None:
-    for addr, size in views.values():
-        _munmap(addr, size)
-    views.clear()
 
 
 def engine_address(uc: Uc) -> int:
@@ -165,6 +130,22 @@ def engine_address(uc: Uc) -> int:
     if not handle:
         raise RuntimeError("the Unicorn engine is closed")
     return int(handle)
+
+
+def close_engine(uc: Uc) -> None:
+    """uc_close now, with the vCPU, rather than whenever Python's cycle collector runs.
+
+    The binding's hook wrappers and the engine refer to each other, so an engine that had
+    hooks is otherwise freed by a garbage collection, long after its VM and in bulk with
+    others: its memory is then scattered among newer objects and the C heap keeps growing
+    (RSS +25 to +35 MiB over 10,000 VM lifetimes, benchmarks/lifetimes.py). The handle is zeroed
+    in place, so the binding's own finalizer finds nothing left to close; the engine must
+    not be used again.
+    """
+    handle = uc._uch
+    if handle:
+        uclib.uc_close(handle)
+        handle.value = None
 
 
 @functools.cache
@@ -274,16 +255,6 @@ class MmioAccess:
     data: bytes  # write: the bytes stored; read: the bytes to load (after userspace filled them)
 
 
-@dataclass(slots=True, frozen=True)
-class MappedSlot:
-    gpa: int
-    size: int
-    hva: int
-    perms: int
-    logged: bool  # dirty logging: write-protected until each page's first store
-    shared: bool  # a MAP_SHARED mapping: Unicorn gets an alias of the pages
-
-
 class UcVcpu:
     """One vCPU's Unicorn instance: its memory view, its hooks, and one guest entry at a time."""
 
@@ -304,18 +275,12 @@ class UcVcpu:
         self._lock = threading.Lock()
         self.running = False
         self.kickable = True  # may a kick cut the current run short?
-        self.mapped: dict[tuple[int, int], MappedSlot] = {}  # (slot id, offset): a piece
-        self.views: dict[tuple[int, int], tuple[int, int]] = {}  # piece -> its alias (addr, size)
-        weakref.finalize(self, _unmap_views, self.views)
-        self.unbacked: list[tuple[int, int]] = []  # guest ranges whose host memory is missing
-        self.generation = -1
-        self.code_pages: dict[int, tuple[int, bytes]] = {}  # gpa page -> (hva, bytes translated)
+        self.stage2 = UcStage2(uc)  # the guest-physical memory this CPU sees (EPT's part)
         self._out_hook = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI])
         self._in_hook = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RAX])
         self._after = RegBatch(uc, [UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RFLAGS])
         self._rsi_in_hook = 0
         self.mmio = MmioAccess(0, 0, False, b"")
-        self.mmio_pages: dict[int, int] = {}  # guest page with no slot -> its hook handle
         # Replay of the current instruction's MMIO accesses (see mmio_complete_read).
         self.replaying = False
         self._reads: list[MmioAccess] = []
@@ -330,7 +295,6 @@ class UcVcpu:
         self.debug_dr6 = 0  # DR6 of the last #DB the CPU raised for a hardware breakpoint
         self._breakpoint_hooks: list[int] = []
         self.intercepted_db = False
-        self.slots = KvmMemslots()
         self._write_fault: tuple[str, int] | None = None  # ("dirty" | "readonly", gpa)
         self.unsupported = ""
         # kvm_emulate_cpuid: the vCPU's table answers (KVM installs it); zeros until then.
@@ -339,73 +303,39 @@ class UcVcpu:
         self.msr_write = False  # the MSR exit's direction
         uc.mem_map_ptr(VMCB_ADDR, VMCB_SIZE, UC_PROT_READ, _VMCB_HVA)
         self.cpu.enable_intercepts(VMCB_ADDR, INTERCEPT_MSR_PROT)
-        # The hooks hold this object; close() drops them so the engine is freed at once.
-        self._hooks = [
-            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID),
-            uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT),
-            uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN),
-            uc.hook_add(UC_HOOK_INTR, self._on_interrupt),
-            uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid),
-            uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_edge),
-            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped),
-            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot),
-        ]
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+        uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_edge)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
 
     def close(self) -> None:
-        """Drop the hooks (they reference this object) so the engine is freed with the vCPU.
-
-        Nothing is unmapped: the host memory behind the slots may already be gone, and
-        freeing the engine releases its whole address space at once.
-        """
-        for handle in self._hooks:
-            self.uc.hook_del(handle)
-        self._hooks.clear()
-        self.mapped.clear()
-        self.code_pages.clear()
-        _unmap_views(self.views)  # the engine never runs again
+        """Free the engine now (see close_engine) and the aliases of the slots' memory."""
+        close_engine(self.uc)
+        self.stage2.close()
 
     # --- memory -------------------------------------------------------------------------------
 
+    @property
+    def generation(self) -> int:
+        """The memslots generation the engine's memory was last built from."""
+        return self.stage2.generation
+
+    def backing_intact(self) -> bool:
+        """Is the host memory behind the guest's memory still there? (see UcStage2)"""
+        return self.stage2.backing_intact()
+
+    def invalidate_stale_code(self) -> None:
+        """Drop translations of guest code the host rewrote (see UcStage2)."""
+        self.stage2.invalidate_stale_code()
+
     def load_memslots(self, slots: KvmMemslots) -> None:
         """Make Unicorn's physical memory match the VM's slots (only what changed is remapped)."""
-        wanted: dict[tuple[int, int], MappedSlot] = {}
-        unbacked = []
-        for slot in slots:
-            logged = slot.dirty_bitmap is not None
-            for offset, size, access in user_range_pieces(slot.userspace_addr, slot.size):
-                gpa = slot.gpa + offset
-                if access is None or access[0] != "r":
-                    unbacked.append((gpa, size))  # KVM faults it in lazily: EFAULT on use
-                    continue
-                perms = UC_PROT_READ | UC_PROT_EXEC
-                if access[1] == "w" and not slot.readonly:
-                    perms |= UC_PROT_WRITE
-                hva, shared = slot.userspace_addr + offset, access[3] == "s"
-                wanted[slot.id, offset] = MappedSlot(gpa, size, hva, perms, logged, shared)
-        self.slots = slots
         with self._paging_off():
-            self._unmap_mmio_pages()
-            for id_, old in list(self.mapped.items()):
-                if wanted.get(id_) != old:
-                    self.uc.mem_unmap(old.gpa, old.size)
-                    del self.mapped[id_]
-                    view = self.views.pop(id_, None)
-                    if view is not None:
-                        _munmap(*view)
-            for id_, new in wanted.items():
-                if id_ not in self.mapped:
-                    alias = alias_shared_pages(new.hva, new.size) if new.shared else None
-                    self.uc.mem_map_ptr(new.gpa, new.size, new.perms, alias or new.hva)
-                    self.mapped[id_] = new
-                    if alias is not None:
-                        self.views[id_] = (alias, new.size)
-            for m in self.mapped.values():  # dirty logging: write-protect, note first writes
-                if m.logged:
-                    self.uc.mem_protect(m.gpa, m.size, UC_PROT_READ | UC_PROT_EXEC)
-        self.unbacked = unbacked
-        self.generation = slots.generation
-        self.code_pages.clear()
-        self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+            self.stage2.load_memslots(slots)
 
     @contextlib.contextmanager
     def _paging_off(self) -> Iterator[None]:
@@ -420,55 +350,11 @@ class UcVcpu:
             self.uc.context_restore(saved)
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
-    def backing_intact(self) -> bool:
-        """Is the host memory behind every mapped slot still mapped in this process?
-
-        Unicorn dereferences it directly, so memory the program unmapped since (a closed or
-        garbage-collected mmap) must be taken out of the guest's view before it runs: msync
-        fails with ENOMEM on a range with a hole, and touches nothing.
-        """
-        return all(_msync(m.hva, m.size, MS_ASYNC) == 0 for m in self.mapped.values())
-
-    def _unmap_mmio_pages(self) -> None:
-        if self.mmio_pages:
-            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        for page, handle in self.mmio_pages.items():
-            self.uc.hook_del(handle)
-            self.uc.mem_unmap(page, PAGE_SIZE)
-        self.mmio_pages.clear()
-
-    def gpa_to_hva(self, gpa: int) -> int | None:
-        """Where the engine sees guest page `gpa` (the alias, if any: it is always mapped)."""
-        for key, m in self.mapped.items():
-            if m.gpa <= gpa < m.gpa + m.size:
-                view = self.views.get(key)
-                return (view[0] if view else m.hva) + gpa - m.gpa
-        return None
-
-    def remember_code_page(self, gpa: int) -> None:
-        """Note that Unicorn translated code in this guest page, and what the page held."""
-        page = gpa & PAGE_MASK
-        if page not in self.code_pages:
-            hva = self.gpa_to_hva(page)
-            if hva is not None:
-                self.code_pages[page] = (hva, ctypes.string_at(hva, PAGE_SIZE))
-
     def remember_code_at(self, linear: int) -> None:
-        """remember_code_page for a linear address (through the guest's paging, if on)."""
+        """Note the guest page of code at a linear address (through the guest's paging, if on)."""
         gpa = self.cpu.translate(linear & PAGE_MASK)
         if gpa is not None:
-            self.remember_code_page(gpa)
-
-    def invalidate_stale_code(self) -> None:
-        """Drop translations of guest pages the host rewrote since Unicorn translated them.
-
-        The guest sees host stores to data at once (the memory is shared), but Unicorn keeps
-        running code it translated earlier; KVM on hardware has no such cache to go stale.
-        """
-        for page, (hva, seen) in self.code_pages.items():
-            if _memcmp(hva, seen, PAGE_SIZE):
-                self.uc.ctl_remove_cache(page, page + PAGE_SIZE)
-                self.code_pages[page] = (hva, ctypes.string_at(hva, PAGE_SIZE))
+            self.stage2.remember_code_page(gpa)
 
     # --- hooks (called by Unicorn in the middle of emu_start) ---------------------------------
 
@@ -520,28 +406,18 @@ class UcVcpu:
     ) -> bool:
         """A load or store where no slot is: make the page an MMIO page and retry the access.
 
-        The page is served by `_mmio_read`, and a hook bounded to it sees each whole access
-        (Unicorn splits the callbacks into 4-byte pieces; the hook gets the full size and value).
-        Code translated before the hook existed would not call it, so the access fails here and
-        vcpu_run flushes the translations and runs the instruction again.
+        The page is served by `_mmio_read`, and a hook bounded to it, `_on_mmio`, sees each
+        whole access (Unicorn splits the callbacks into 4-byte pieces; the hook gets the full
+        size and value). The access fails here; vcpu_run flushes the translations and runs the
+        instruction again. A fetch is reported as an EPT violation.
         """
-        if access == UC_MEM_FETCH_UNMAPPED:
-            return False  # nothing to execute there: reported as an EPT violation
-        if any(gpa <= addr < gpa + n for gpa, n in self.unbacked):
-            self._stop(EXIT_REASON_EFAULT)  # a slot whose host memory is not mapped
-            return False
-        for page in {addr & PAGE_MASK, (addr + size - 1) & PAGE_MASK}:
-            if page in self.mmio_pages or self.gpa_to_hva(page) is not None:
-                continue
-            uc.mmio_map(page, PAGE_SIZE, self._mmio_read, page, self._mmio_write, page)
-            self.mmio_pages[page] = uc.hook_add(
-                UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
-                self._on_mmio,
-                None,
-                page,
-                page + PAGE_SIZE - 1,
-            )
-        self._stop(EXIT_REASON_RETRY)
+        what = self.stage2.unmapped_access(
+            access, addr, size, self._on_mmio, self._mmio_read, self._mmio_write
+        )
+        if what == "efault":  # a slot whose host memory is not mapped
+            self._stop(EXIT_REASON_EFAULT)
+        elif what == "mmio":
+            self._stop(EXIT_REASON_RETRY)
         return False
 
     def _on_mmio(self, uc: Uc, access: int, addr: int, size: int, value: int, _ud: object) -> None:
@@ -578,7 +454,7 @@ class UcVcpu:
         Protection cannot change while Unicorn runs, so the access fails here and vcpu_run
         deals with it between two emu_starts.
         """
-        slot = self.slots.gfn_to_memslot(addr >> 12)
+        slot = self.stage2.slots.gfn_to_memslot(addr >> 12)
         if slot is not None and slot.readonly:
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             self.mmio = MmioAccess(addr, size, True, data)
@@ -721,15 +597,12 @@ class UcVcpu:
         assert self._write_fault is not None
         kind, gpa = self._write_fault
         self._write_fault = None
-        page = gpa & PAGE_MASK
-        slot = self.slots.gfn_to_memslot(gpa >> 12)
-        assert slot is not None
         if kind == "dirty":
-            assert slot.dirty_bitmap is not None
-            index = (gpa >> 12) - slot.base_gfn
-            slot.dirty_bitmap[index // 8] |= 1 << (index % 8)
-            self.uc.mem_protect(page, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
+            self.stage2.mark_page_dirty(gpa)
             return None
+        page = gpa & PAGE_MASK
+        slot = self.stage2.slots.gfn_to_memslot(gpa >> 12)
+        assert slot is not None
         # A READONLY slot: retire the instruction with the store thrown away (KVM emulates it
         # and exits with the data), by letting it write and putting the bytes back.
         write = self.mmio
@@ -845,8 +718,7 @@ class UcVcpu:
             if self._exit_pending and self.exit_reason == EXIT_REASON_EFAULT:
                 return EXIT_REASON_EFAULT
             if self._exit_pending and self.exit_reason == EXIT_REASON_RETRY:
-                self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
-                self.code_pages.clear()
+                self.stage2.flush_code()
                 return EXIT_REASON_RETRY
             raise UcError(err)
         if self._exit_pending:

@@ -179,6 +179,7 @@ class KvmVcpu:
         self.run: Any = None  # struct kvm_run over run_map
         self.arch: Any = None  # struct kvm_vcpu_arch
         self.stat = KvmVcpuStat()
+        self.kicked = False  # signals.kvm_vcpu_kick: until a KVM_RUN returns EINTR for it
 
 
 _current_pid = os.getpid()

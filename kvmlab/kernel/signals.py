@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 _running: dict[int, Any] = {}  # vcpu id() -> vcpu, while inside KVM_RUN
-_pending: set[int] = set()
+_pending: set[int] = set()  # vCPUs a signal reached while they were in KVM_RUN
 _lock = threading.Lock()
 _watcher_started = False
 _chained_fd = -1
@@ -105,16 +105,18 @@ def leave_kvm_run(vcpu: Any) -> None:
 def signal_pending(vcpu: Any) -> bool:
     """Has a signal arrived for this vCPU's thread since it entered KVM_RUN? Clears it."""
     key = id(vcpu)
-    if key not in _pending:
+    if key not in _pending and not vcpu.kicked:
         return False
     with _lock:
         _pending.discard(key)
+        vcpu.kicked = False
     return True
 
 
 def kvm_vcpu_kick(vcpu: Any) -> None:
-    """Make a running vCPU leave the guest as if its thread got a signal (QEMU's SIG_IPI)."""
+    """Make a vCPU leave the guest as if its thread got a signal it blocks outside KVM_RUN
+    (QEMU's SIG_IPI): a kick that lands before KVM_RUN has begun is not lost, the next
+    KVM_RUN returns EINTR at once."""
     with _lock:
-        if id(vcpu) in _running:
-            _pending.add(id(vcpu))
+        vcpu.kicked = True
     vcpu.arch.hw.kick()

@@ -24,6 +24,7 @@ from kvmlab.asm import assemble
 from kvmlab.uapi import (
     KVM_CREATE_IRQCHIP,
     KVM_EXIT_IO,
+    KVM_EXIT_SET_TPR,
     KVM_GET_LAPIC,
     KVM_GET_SUPPORTED_CPUID,
     KVM_IRQ_ROUTING_IRQCHIP,
@@ -43,7 +44,16 @@ from kvmlab.uapi import (
     kvm_regs,
 )
 
-from .guest import MEM_SIZE, STACK_TOP, Fds, Machine, set_region, try_ioctl
+from .guest import (
+    MEM_SIZE,
+    STACK_TOP,
+    Fds,
+    Machine,
+    set_region,
+    setup_mode,
+    try_ioctl,
+    write_page_tables,
+)
 from .registry import host_is_pvm, scenario
 from .scenarios_irqchip import ioapic, line_status, mp_state, name, set_mp_state
 
@@ -804,4 +814,83 @@ def nmi_ipi_to_self(k: Any) -> dict[str, Any]:
         set_vector(m, 2, HANDLERS)
         out = {"exits": [run_to_io(m), run_to_io(m)]}
     assert sorted(out["exits"]) == [("IO", 0x10, 2), ("IO", 0x11, 0x99)], out
+    return out
+
+
+CR8_GUEST = """
+    mov rax, 5
+    mov cr8, rax                    ; raise the task priority
+    mov rbx, cr8
+    mov rax, 2
+    mov cr8, rax                    ; lower it
+    mov rcx, cr8
+    mov al, 0x77
+    out 0x10, al
+    mov rax, 16
+    mov cr8, rax                    ; a reserved bit: #GP (no IDT: a triple fault)
+"""
+
+
+@contextmanager
+def long_mode_vm(k: Any, code: bytes, *, irqchip: bool) -> Iterator[Machine]:
+    """A 64-bit vCPU (guest.py's identity map) in a VM with or without the irqchip."""
+    with Fds(k) as fds:
+        sys_fd = fds.open_kvm()
+        vm_fd = fds.create_vm(sys_fd)
+        if irqchip:
+            k.ioctl(vm_fd, KVM_CREATE_IRQCHIP, 0)
+        mem, hva = fds.ram(MEM_SIZE)
+        r = set_region(k, vm_fd, 0, 0, MEM_SIZE, hva)
+        assert r == 0, r
+        m = Machine(k, fds, sys_fd, vm_fd, fds.create_vcpu(vm_fd, 0))
+        m.mem, m.hva = mem, hva
+        m.runmap = fds.map_run(sys_fd, m.vcpu_fd)
+        write_page_tables(mem)
+        m.write(CODE, code)
+        sregs = m.sregs()
+        setup_mode(sregs, "long64")
+        m.set_sregs(sregs)
+        m.set_regs(kvm_regs(rip=CODE, rsp=STACK_TOP, rflags=0x2))
+        yield m
+
+
+# VMX exits for CR8 writes when the APIC is not in the kernel, and lowering CR8 is a
+# KVM_EXIT_SET_TPR (userspace may have an interrupt to inject now); PVM never exits for it.
+SET_TPR_EXITS = {
+    "sim": ["SET_TPR", "IO", "SHUTDOWN"],
+    "host": ["IO", "SHUTDOWN"] if host_is_pvm() else ["SET_TPR", "IO", "SHUTDOWN"],
+}
+
+
+@scenario(documented={"no_irqchip_exits": SET_TPR_EXITS})
+def cr8_is_the_task_priority(k: Any) -> dict[str, Any]:
+    """MOV to and from CR8 in a 64-bit guest. Without the irqchip it is KVM's cr8, which
+    kvm_run.cr8 and KVM_GET_SREGS report; lowering it exits to userspace (SET_TPR, on VMX).
+    With the irqchip it is the local APIC's TPR (bits 7:4), as KVM_GET_LAPIC shows, and
+    KVM_SET_SREGS's cr8 lands there too. A reserved bit is #GP."""
+    code = assemble(CR8_GUEST, mode="64", base=CODE).code
+    out: dict[str, Any] = {}
+    for irqchip in (False, True):
+        label = "irqchip" if irqchip else "no_irqchip"
+        with long_mode_vm(k, code, irqchip=irqchip) as m:
+            exits, seen = [], None
+            for _ in range(4):
+                r = m.try_run()
+                exits.append(r if isinstance(r, str) else name(r))
+                if r == KVM_EXIT_IO:
+                    regs = m.regs()
+                    seen = (regs.rbx, regs.rcx, m.kvm_run().cr8, m.sregs().cr8)
+                if r not in (KVM_EXIT_IO, KVM_EXIT_SET_TPR):
+                    break
+            out[f"{label}_exits"] = exits
+            out[f"{label}_seen"] = seen
+            if irqchip:
+                out["tpr"] = regs_of(lapic_page(k, m.vcpu_fd))["TPR"]  # type: ignore[arg-type]
+                sregs = m.sregs()
+                sregs.cr8 = 7
+                m.set_sregs(sregs)
+                out["tpr_after_set_sregs"] = regs_of(lapic_page(k, m.vcpu_fd))["TPR"]  # type: ignore[arg-type]
+    assert out["no_irqchip_seen"] == (5, 2, 2, 2) and out["irqchip_seen"] == (5, 2, 2, 2), out
+    assert out["irqchip_exits"] == ["IO", "SHUTDOWN"] and out["tpr"] == 0x20, out
+    assert out["tpr_after_set_sregs"] == 0x70
     return out

@@ -127,6 +127,7 @@ SEGMENT_CACHE_SIZE: Final = 24  # SegmentCache: selector u32, pad, base u64, lim
 _SEG_CACHE = struct.Struct("<I4xQII")
 _SEG_CACHES = struct.Struct("<" + "I4xQII" * len(QEMU_SEGMENTS))
 _U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
 _CRS = struct.Struct("<5Q")  # cr[0..4]
 # kvm_sregs from cs up to efer: 8 kvm_segment, gdt and idt kvm_dtable, cr0 cr2 cr3 cr4 cr8 efer.
@@ -325,6 +326,9 @@ class SvmLayout:
 
 
 SVM_EXIT_MSR: Final = 0x7C
+SVM_EXIT_READ_CR8: Final = 0x08
+SVM_EXIT_WRITE_CR8: Final = 0x18
+INTERCEPT_CR8: Final = 1 << 8  # in intercept_cr_read / intercept_cr_write (u16 each)
 SVM_EXIT_INTR: Final = 0x60
 EXCP_VMEXIT: Final = 0x100
 INTERCEPT_MSR_PROT: Final = 1 << (SVM_EXIT_MSR - SVM_EXIT_INTR)
@@ -333,8 +337,8 @@ VMCB_MSRPM_BASE_PA: Final = 0x48  # struct vmcb_control_area.msrpm_base_pa
 
 @cache
 def svm_layout() -> SvmLayout:
-    """The SVM fields' offsets, checked once per process by making a scratch guest's RDMSR
-    and WRMSR exit with the right exit code, rip and direction."""
+    """The SVM fields' offsets, checked once per process by making a scratch guest's RDMSR,
+    WRMSR and MOV from and to CR8 exit with the right exit code, rip and direction."""
     layout = context_layout()
     dr0 = layout.error_code + 16
     svm = SvmLayout(vm_vmcb=dr0 + 104, tsc_offset=dr0 + 112, intercept=dr0 + 120)
@@ -345,25 +349,33 @@ def svm_layout() -> SvmLayout:
     uc.mem_map(0, 0x13000, UC_PROT_ALL)
     uc.mem_write(vmcb + VMCB_MSRPM_BASE_PA, _U64.pack(vmcb + PAGE_SIZE))
     uc.mem_write(vmcb + PAGE_SIZE, b"\xff" * 2 * PAGE_SIZE)
-    uc.mem_write(0x1000, bytes.fromhex("0f32900f30f4"))  # rdmsr; nop; wrmsr; hlt
+    # rdmsr; nop; wrmsr; mov rax, cr8; mov cr8, rax; hlt
+    uc.mem_write(0x1000, bytes.fromhex("0f32900f30440f20c0440f22c0f4"))
     exits: list[tuple[int, int, int]] = []
 
     def on_interrupt(uc: Uc, intno: int, _data: object) -> None:
         blob = bytes(uc.context_save())
         code = _U32.unpack_from(blob, layout.error_code)[0]
         exits.append((intno, uc.reg_read(UC_X86_REG_RIP), code))
-        uc.reg_write(UC_X86_REG_RIP, uc.reg_read(UC_X86_REG_RIP) + 2)
+        rip = uc.reg_read(UC_X86_REG_RIP)
+        uc.reg_write(UC_X86_REG_RIP, rip + (2 if intno == EXCP_VMEXIT + SVM_EXIT_MSR else 4))
         uc.emu_stop()
 
     uc.hook_add(UC_HOOK_INTR, on_interrupt)
-    X86CpuState(uc)._set_intercepts(svm, vmcb, INTERCEPT_MSR_PROT)
+    X86CpuState(uc)._set_intercepts(svm, vmcb, INTERCEPT_MSR_PROT, INTERCEPT_CR8)
     rip = 0x1000
-    for _ in range(3):
+    for _ in range(5):
         uc.emu_start(rip, 0, count=1 << 62)
         rip = uc.reg_read(UC_X86_REG_RIP)
-    expected = [(EXCP_VMEXIT + SVM_EXIT_MSR, 0x1000, 0), (EXCP_VMEXIT + SVM_EXIT_MSR, 0x1003, 1)]
-    if exits != expected or rip != 0x1006:
-        raise ContextLayoutError(_layout_message(f"MSR intercepts gave {exits}"))
+    msr, exit_code = EXCP_VMEXIT + SVM_EXIT_MSR, EXCP_VMEXIT
+    expected = [
+        (msr, 0x1000, 0),
+        (msr, 0x1003, 1),
+        (exit_code + SVM_EXIT_READ_CR8, 0x1005, 0),
+        (exit_code + SVM_EXIT_WRITE_CR8, 0x1009, 0),
+    ]
+    if exits != expected or rip != 0x100E:
+        raise ContextLayoutError(_layout_message(f"MSR and CR8 intercepts gave {exits}"))
     return svm
 
 
@@ -627,16 +639,17 @@ class X86CpuState:
 
     # --- intercepts: QEMU's SVM model plays the VMCS execution controls -----------------------
 
-    def enable_intercepts(self, vmcb: int, intercepts: int) -> None:
+    def enable_intercepts(self, vmcb: int, intercepts: int, crs: int = 0) -> None:
         """Make the CPU a "guest" of QEMU's SVM model with the given intercept bits, so that the
-        instructions named there (RDMSR/WRMSR) raise an intercept exit instead of running.
+        instructions named there (RDMSR/WRMSR; MOV to and from the CRs in `crs`) raise an
+        intercept exit instead of running.
 
         `vmcb` is the guest-physical address of a private VMCB whose MSR permission map asks
         for every MSR; the exit reaches UC_HOOK_INTR as EXCP_VMEXIT + the SVM exit code.
         """
-        self._set_intercepts(svm_layout(), vmcb, intercepts)
+        self._set_intercepts(svm_layout(), vmcb, intercepts, crs)
 
-    def _set_intercepts(self, svm: SvmLayout, vmcb: int, intercepts: int) -> None:
+    def _set_intercepts(self, svm: SvmLayout, vmcb: int, intercepts: int, crs: int = 0) -> None:
         self._intercepts = intercepts
         self._save()
         ctx = self._ctx
@@ -644,6 +657,8 @@ class X86CpuState:
         _U32.pack_into(ctx, self.layout.hflags, hflags | HF_GUEST)
         _U64.pack_into(ctx, svm.vm_vmcb, vmcb)
         _U64.pack_into(ctx, svm.intercept, intercepts)
+        _U16.pack_into(ctx, svm.intercept + 8, crs)  # intercept_cr_read
+        _U16.pack_into(ctx, svm.intercept + 10, crs)  # intercept_cr_write
         self._restore()
 
     def tsc_offset(self) -> int:

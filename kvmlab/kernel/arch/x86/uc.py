@@ -61,8 +61,11 @@ from unicorn.x86_const import (
 
 from kvmlab.kernel.arch.x86.cpu_state import (
     EXCP_VMEXIT,
+    INTERCEPT_CR8,
     INTERCEPT_MSR_PROT,
     SVM_EXIT_MSR,
+    SVM_EXIT_READ_CR8,
+    SVM_EXIT_WRITE_CR8,
     VMCB_MSRPM_BASE_PA,
     RegBatch,
     X86CpuState,
@@ -84,6 +87,7 @@ EXIT_REASON_EXTERNAL_INTERRUPT = 1
 EXIT_REASON_TRIPLE_FAULT = 2
 EXIT_REASON_INTERRUPT_WINDOW = 7
 EXIT_REASON_HLT = 12
+EXIT_REASON_CR_ACCESS = 28  # MOV to or from CR8: the TPR, which KVM keeps
 EXIT_REASON_IO_INSTRUCTION = 30
 EXIT_REASON_MSR_READ = 31
 EXIT_REASON_MSR_WRITE = 32
@@ -301,8 +305,9 @@ class UcVcpu:
         self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = lambda fn, idx: (0,) * 4
         self._cpuid_in = RegBatch(uc, [UC_X86_REG_RAX, UC_X86_REG_RCX])
         self.msr_write = False  # the MSR exit's direction
+        self.cr_write = False  # the CR8 exit's direction
         uc.mem_map_ptr(VMCB_ADDR, VMCB_SIZE, UC_PROT_READ, _VMCB_HVA)
-        self.cpu.enable_intercepts(VMCB_ADDR, INTERCEPT_MSR_PROT)
+        self.cpu.enable_intercepts(VMCB_ADDR, INTERCEPT_MSR_PROT, INTERCEPT_CR8)
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
@@ -381,6 +386,10 @@ class UcVcpu:
         if intno == EXCP_VMEXIT + SVM_EXIT_MSR:  # RDMSR/WRMSR intercepted; rip is on it
             self.msr_write = bool(self.cpu.exception_error_code())
             self._stop(EXIT_REASON_MSR_WRITE if self.msr_write else EXIT_REASON_MSR_READ)
+            return
+        if intno in (EXCP_VMEXIT + SVM_EXIT_READ_CR8, EXCP_VMEXIT + SVM_EXIT_WRITE_CR8):
+            self.cr_write = intno == EXCP_VMEXIT + SVM_EXIT_WRITE_CR8  # rip is on the MOV
+            self._stop(EXIT_REASON_CR_ACCESS)
             return
         self.exception_vector, self._invalid_opcode = intno, False
         self._stop(EXIT_REASON_EXCEPTION_NMI)

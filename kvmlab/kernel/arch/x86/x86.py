@@ -19,7 +19,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RFLAGS
+from unicorn.x86_const import (
+    UC_X86_REG_R8,
+    UC_X86_REG_R9,
+    UC_X86_REG_R10,
+    UC_X86_REG_R11,
+    UC_X86_REG_R12,
+    UC_X86_REG_R13,
+    UC_X86_REG_R14,
+    UC_X86_REG_R15,
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBP,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDI,
+    UC_X86_REG_RDX,
+    UC_X86_REG_RFLAGS,
+    UC_X86_REG_RSI,
+    UC_X86_REG_RSP,
+)
 
 from kvmlab.kernel import eventfd
 from kvmlab.kernel.arch.x86 import cpuid as cpuid_mod
@@ -87,6 +105,7 @@ from kvmlab.uapi import (
     KVM_EXIT_IO,
     KVM_EXIT_IRQ_WINDOW_OPEN,
     KVM_EXIT_MMIO,
+    KVM_EXIT_SET_TPR,
     KVM_EXIT_SHUTDOWN,
     KVM_EXIT_UNKNOWN,
     KVM_GET_CPUID2,
@@ -1124,6 +1143,8 @@ def handle_exit(vcpu: KvmVcpu, exit_reason: int) -> int:
         return 1  # a kick: back to vcpu_run, which looks for signals and requests
     if exit_reason == vendor.EXIT_REASON_EPT_MISCONFIG:
         return handle_ept_misconfig(vcpu)
+    if exit_reason == vendor.EXIT_REASON_CR_ACCESS:
+        return handle_cr(vcpu)
     if exit_reason == vendor.EXIT_REASON_MSR_READ:
         return kvm_emulate_rdmsr(vcpu)
     if exit_reason == vendor.EXIT_REASON_MSR_WRITE:
@@ -1412,6 +1433,46 @@ def complete_emulated_mmio(vcpu: KvmVcpu, data: bytes | None = None) -> int:
     if reason == vendor.EXIT_REASON_MONITOR_TRAP_FLAG:
         return 1
     return handle_exit(vcpu, reason)
+
+
+# the general registers by their number in an instruction's ModRM/REX encoding
+GPR_BY_NUMBER = (
+    UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
+    UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
+    UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+    UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+)  # fmt: skip
+
+
+@traced(args=lambda vcpu: {"write": vcpu.arch.hw.cr_write})
+def handle_cr(vcpu: KvmVcpu) -> int:
+    """MOV to or from CR8, the task priority (VMX's CR8 load/store exiting): the in-kernel
+    APIC's TPR, else KVM's own cr8. Without an in-kernel APIC, lowering it exits to userspace
+    (KVM_EXIT_SET_TPR), which may have an interrupt to inject now."""
+    arch = vcpu.arch
+    cpu = arch.hw.cpu
+    kvm_register_flush(vcpu)
+    code = cpu.read_code(arch.rip, 15)
+    prefixes = 0
+    while prefixes < len(code) and code[prefixes] in (0x66, 0x67, 0xF2, 0xF3, 0xF0):
+        prefixes += 1
+    rex = code[prefixes] if prefixes < len(code) and 0x40 <= code[prefixes] <= 0x4F else 0
+    modrm = code[prefixes + bool(rex) + 2]
+    reg = GPR_BY_NUMBER[(modrm & 7) | (8 if rex & 1 else 0)]
+    next_rip = arch.rip + prefixes + bool(rex) + 3
+    if not arch.hw.cr_write:
+        cpu.write_reg(reg, kvm_get_cr8(vcpu))
+        return kvm_skip_emulated_instruction(vcpu, next_rip)
+    value = cpu.read_reg(reg)
+    if value & CR8_RESERVED_BITS:
+        return kvm_inject_gp(vcpu)
+    before = kvm_get_cr8(vcpu)
+    kvm_set_cr8(vcpu, value)
+    r = kvm_skip_emulated_instruction(vcpu, next_rip)
+    if arch.apic is not None or value >= before or r == 0:
+        return r
+    vcpu.run.exit_reason = KVM_EXIT_SET_TPR
+    return 0
 
 
 @traced()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -30,6 +29,7 @@ from differential.scenarios_eventfd import (
     signal_later,
 )
 from differential.scenarios_irqchip import chip_machine, pic_guest
+from polling import wait_until
 
 from kvmlab import sys as k
 from kvmlab.kernel import eventfd, fs, kvm_main, trace
@@ -67,16 +67,6 @@ def holders(eventfd_id: int) -> list[int]:
 
 def eventfd_id(fd: int) -> int:
     return eventfd.eventfd_ctx_fdget(fd).id
-
-
-def wait_for(condition: object) -> bool:
-    """Poll `condition()` until it holds or BOUND passes."""
-    deadline = time.monotonic() + BOUND
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def irqfd_threads() -> list[threading.Thread]:
@@ -182,14 +172,14 @@ def test_many_irqfds_each_injects_once_and_deassigned_ones_never(
         assert len(kvm.irqfds.items) == n and len(irqfd_threads()) == 1
         for fd in fds:
             os.eventfd_write(fd, 1)
-        assert wait_for(lambda: injected() == n), injected()
+        assert wait_until(lambda: injected() == n, BOUND), injected()
         assert all(counter(fd) == 0 for fd in fds)  # each read by KVM before its injection
         gone, kept = fds[: n // 2], fds[n // 2 :]
         for i, fd in enumerate(gone):
             assert irqfd(k, vm, fd, gsi=i % 24, flags=KVM_IRQFD_FLAG_DEASSIGN) == 0
         for fd in fds:
             os.eventfd_write(fd, 1)
-        assert wait_for(lambda: injected() == n + len(kept)), injected()
+        assert wait_until(lambda: injected() == n + len(kept), BOUND), injected()
         assert [counter(fd) for fd in fds] == [1] * len(gone) + [0] * len(kept)
     threads = {e.thread for e in rec.events if e.func in ("irqfd_wakeup", "irqfd_inject")}
     assert threads == {"kvm-irqfd"} and injected() == n + len(kept)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+
+from polling import wait_until
 
 from kvmlab import sys as k
 from kvmlab.kernel import fs, trace
@@ -85,23 +86,14 @@ def test_unacknowledged_ticks_wait_in_reinject_mode_and_pulse_without_it() -> No
     with vm_with_pit() as (vm_fd, pit):
         with trace.recording() as rec:
             program_channel_0(vm_fd, 2, 1193)  # about 1 kHz
-            assert wait_for(lambda: pit.pending >= 5)
+            assert wait_until(lambda: pit.pending >= 5)
         raises = [e for e in rec.events if e.kind == "enter" and e.func == "kvm_set_irq"]
         assert len(raises) == 2  # one pulse: raise, lower
         k.ioctl(vm_fd, KVM_REINJECT_CONTROL, bytes(kvm_reinject_control(pit_reinject=0)))
         with trace.recording() as rec:
-            assert wait_for(lambda: rec.calls().count("kvm_set_irq") >= 6)  # three pulses
+            assert wait_until(lambda: rec.calls().count("kvm_set_irq") >= 6)  # three pulses
         pic = master_pic(vm_fd).chip.pic
     assert pic.irr & 1 and not pic.isr & 1  # IRQ 0 requested, never taken
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_a_short_periodic_count_is_limited_to_min_timer_period_us() -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import pytest
+from polling import wait_until
 
 from kvmlab.guests import GUEST_BASE, SAMPLES
 from kvmlab.uapi import (
@@ -68,15 +68,6 @@ def assemble16(source: str) -> bytes:
     from kvmlab.asm import assemble
 
     return assemble(source, mode="16", base=GUEST_BASE).code
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def io_ports(m: Machine) -> set[int]:
@@ -195,7 +186,7 @@ def test_the_uart_raises_irq_4_with_kvm_irq_line_and_the_halted_vcpu_wakes_in_kv
         try:
             for n, byte in enumerate(b"kvm.", start=1):
                 m.serial.feed(bytes([byte]))  # on this thread, the vCPU asleep in KVM_RUN
-                assert wait_until(lambda n=n: len(m.serial.output) == n), m.serial.text()
+                assert wait_until(lambda n=n: len(m.serial.output) == n, 10.0), m.serial.text()
             assert m.wait(10)
         finally:
             m.stop()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 import pytest
+from polling import wait_until
 
 from kvmlab.uapi import (
     KVM_GET_REGS,
@@ -49,18 +50,6 @@ from .guests import (
 MakeMachine = Callable[..., Machine]
 HELLO_TEXT = HELLO.rstrip(b"\0").decode()
 OUT_80_LOOP = bytes([0xE6, 0x80, 0xEB, 0xFC])  # l: out 0x80, al / jmp l
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-# --- the three CPU modes -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,9 @@ GPR_IDS: Final = (  # the order of struct kvm_regs
     UC_X86_REG_RFLAGS,  # all 64 bits; EFLAGS would be the low 32 (both keep IF, DF, TF, AC, ID)
 )
 assert ctypes.sizeof(kvm_regs) == 8 * len(GPR_IDS)
+# the general registers by their number in an instruction's ModRM/REX encoding
+# (rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8-r15)
+GPR_BY_NUMBER: Final = tuple(GPR_IDS[i] for i in (0, 2, 3, 1, 6, 7, 4, 5, *range(8, 16)))
 
 _vmem_translate = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)

@@ -19,25 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from unicorn.x86_const import (
-    UC_X86_REG_R8,
-    UC_X86_REG_R9,
-    UC_X86_REG_R10,
-    UC_X86_REG_R11,
-    UC_X86_REG_R12,
-    UC_X86_REG_R13,
-    UC_X86_REG_R14,
-    UC_X86_REG_R15,
-    UC_X86_REG_RAX,
-    UC_X86_REG_RBP,
-    UC_X86_REG_RBX,
-    UC_X86_REG_RCX,
-    UC_X86_REG_RDI,
-    UC_X86_REG_RDX,
-    UC_X86_REG_RFLAGS,
-    UC_X86_REG_RSI,
-    UC_X86_REG_RSP,
-)
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RFLAGS
 
 from kvmlab.kernel import eventfd
 from kvmlab.kernel.arch.x86 import cpuid as cpuid_mod
@@ -46,7 +28,7 @@ from kvmlab.kernel.arch.x86 import ioapic as x86_ioapic
 from kvmlab.kernel.arch.x86 import irq as x86_irq
 from kvmlab.kernel.arch.x86 import lapic as x86_lapic
 from kvmlab.kernel.arch.x86 import uc as vendor
-from kvmlab.kernel.arch.x86.cpu_state import context_layout, svm_layout
+from kvmlab.kernel.arch.x86.cpu_state import GPR_BY_NUMBER, context_layout, svm_layout
 from kvmlab.kernel.arch.x86.cpuid import GuestCpuid, kvm_cpuid, kvm_update_cpuid_runtime
 from kvmlab.kernel.arch.x86.fpu import (
     fpu_reset,
@@ -1433,15 +1415,6 @@ def complete_emulated_mmio(vcpu: KvmVcpu, data: bytes | None = None) -> int:
     if reason == vendor.EXIT_REASON_MONITOR_TRAP_FLAG:
         return 1
     return handle_exit(vcpu, reason)
-
-
-# the general registers by their number in an instruction's ModRM/REX encoding
-GPR_BY_NUMBER = (
-    UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
-    UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
-    UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
-    UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
-)  # fmt: skip
 
 
 @traced(args=lambda vcpu: {"write": vcpu.arch.hw.cr_write})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+from kvmlab.hw.i8254 import PIT_CHANNEL_STATE_FIELDS
 from kvmlab.uapi import (
     KVM_CAP_PIT2,
     KVM_CHECK_EXTENSION,
@@ -29,20 +30,8 @@ from kvmlab.vmm.memory import Device
 from kvmlab.vmm.timer import Clock
 
 CALIBRATION_ROUNDS = 3
-CHANNEL_FIELDS = (  # struct kvm_pit_channel_state, but count_load_time (offset by the clocks)
-    "count",
-    "latched_count",
-    "count_latched",
-    "status_latched",
-    "status",
-    "read_state",
-    "write_state",
-    "write_latch",
-    "rw_mode",
-    "mode",
-    "bcd",
-    "gate",
-)
+# struct kvm_pit_channel_state, but count_load_time (offset by the clocks)
+CHANNEL_FIELDS = PIT_CHANNEL_STATE_FIELDS[:-1]
 
 
 def kvm_pit_init(kvm: KVMState) -> None:

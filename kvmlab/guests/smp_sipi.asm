@@ -11,7 +11,9 @@
 ; (and its second SIPI) are left out. Up to 9 vCPUs: counts are printed as one digit.
 .code16
 entry:                                  ; the BSP starts at 0000:1000, an AP at 0100:0000:
-    ljmp 0:start                        ; the same byte; one CS for the labels below
+    .byte 0xea                          ; ljmp 0:start, the same byte; one CS for the labels
+    .word start, 0                      ; below (spelled out: GNU as reads `ljmp 0:start` as
+                                        ; an indirect jump through memory)
 start:
     xor ax, ax
     mov ds, ax

@@ -407,14 +407,20 @@ def kernel_pio(vcpu: Any, port: int, size: int, is_in: bool, value: int) -> int 
     An access wider than a byte is claimed and does nothing (reads 0), as in KVM.
     """
     kvm = vcpu.kvm
-    if not is_in and eventfd.kvm_io_bus_write(
-        kvm, eventfd.KVM_PIO_BUS, port, value.to_bytes(size, "little")
+    chip = kvm.arch.irqchip
+    pio_bus = kvm.buses[eventfd.KVM_PIO_BUS]
+    if chip is None and not pio_bus:
+        return None  # no in-kernel device and no ioeventfd: the common exit stays cheap
+    data = value.to_bytes(size, "little")
+    if (
+        not is_in
+        and port in pio_bus
+        and eventfd.kvm_io_bus_write(kvm, eventfd.KVM_PIO_BUS, port, data)
     ):
-        return 0
+        return 0  # an ioeventfd took it
     pit = x86_i8254.pit_pio(kvm, port, size, is_in, value)
     if pit is not None:
         return pit
-    chip = kvm.arch.irqchip
     if chip is None:
         return None
     for base, length in PIC_DEVICES:

@@ -40,7 +40,17 @@ from kvmlab.uapi import (
     kvm_regs,
 )
 
-from .guest import CODE_ADDR, MEM_SIZE, STACK_TOP, Fds, Machine, set_region, try_ioctl
+from .guest import (
+    CODE_ADDR,
+    MEM_SIZE,
+    STACK_TOP,
+    Fds,
+    Machine,
+    set_region,
+    setup_mode,
+    try_ioctl,
+    write_page_tables,
+)
 from .registry import scenario
 
 IF = 1 << 9
@@ -48,8 +58,11 @@ PIC_FIELDS = [name for name, _ in kvm_pic_state._fields_]
 
 
 @contextmanager
-def chip_machine(k: Any, code: bytes = b"", *, irqchip: bool = True) -> Iterator[Machine]:
-    """A real-mode VM like guest.machine(), with KVM_CREATE_IRQCHIP before its vCPU."""
+def chip_machine(
+    k: Any, code: bytes = b"", *, irqchip: bool = True, mode: str = "real"
+) -> Iterator[Machine]:
+    """A VM like guest.machine() (real mode, or guest.py's other modes), with
+    KVM_CREATE_IRQCHIP before its vCPU."""
     with Fds(k) as fds:
         sys_fd = fds.open_kvm()
         vm_fd = fds.create_vm(sys_fd)
@@ -63,8 +76,10 @@ def chip_machine(k: Any, code: bytes = b"", *, irqchip: bool = True) -> Iterator
         m.mem, m.hva = mem, hva
         m.runmap = fds.map_run(sys_fd, vcpu_fd)
         m.write(CODE_ADDR, code)
+        if mode == "long64":
+            write_page_tables(mem)
         sregs = m.sregs()
-        sregs.cs.selector = sregs.cs.base = 0
+        setup_mode(sregs, mode)
         m.set_sregs(sregs)
         m.set_regs(kvm_regs(rip=CODE_ADDR, rsp=STACK_TOP, rflags=0x2))
         yield m

@@ -50,12 +50,10 @@ from .guest import (
     Fds,
     Machine,
     set_region,
-    setup_mode,
     try_ioctl,
-    write_page_tables,
 )
 from .registry import host_is_pvm, scenario
-from .scenarios_irqchip import ioapic, line_status, mp_state, name, set_mp_state
+from .scenarios_irqchip import chip_machine, ioapic, line_status, mp_state, name, set_mp_state
 
 APIC_BASE = 0xFEE00000
 IOAPIC_BASE = 0xFEC00000
@@ -831,29 +829,6 @@ CR8_GUEST = """
 """
 
 
-@contextmanager
-def long_mode_vm(k: Any, code: bytes, *, irqchip: bool) -> Iterator[Machine]:
-    """A 64-bit vCPU (guest.py's identity map) in a VM with or without the irqchip."""
-    with Fds(k) as fds:
-        sys_fd = fds.open_kvm()
-        vm_fd = fds.create_vm(sys_fd)
-        if irqchip:
-            k.ioctl(vm_fd, KVM_CREATE_IRQCHIP, 0)
-        mem, hva = fds.ram(MEM_SIZE)
-        r = set_region(k, vm_fd, 0, 0, MEM_SIZE, hva)
-        assert r == 0, r
-        m = Machine(k, fds, sys_fd, vm_fd, fds.create_vcpu(vm_fd, 0))
-        m.mem, m.hva = mem, hva
-        m.runmap = fds.map_run(sys_fd, m.vcpu_fd)
-        write_page_tables(mem)
-        m.write(CODE, code)
-        sregs = m.sregs()
-        setup_mode(sregs, "long64")
-        m.set_sregs(sregs)
-        m.set_regs(kvm_regs(rip=CODE, rsp=STACK_TOP, rflags=0x2))
-        yield m
-
-
 # VMX exits for CR8 writes when the APIC is not in the kernel, and lowering CR8 is a
 # KVM_EXIT_SET_TPR (userspace may have an interrupt to inject now); PVM never exits for it.
 SET_TPR_EXITS = {
@@ -872,7 +847,7 @@ def cr8_is_the_task_priority(k: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for irqchip in (False, True):
         label = "irqchip" if irqchip else "no_irqchip"
-        with long_mode_vm(k, code, irqchip=irqchip) as m:
+        with chip_machine(k, code, irqchip=irqchip, mode="long64") as m:
             exits, seen = [], None
             for _ in range(4):
                 r = m.try_run()

@@ -90,8 +90,7 @@ class KvmPit(PitCore):
         self.pending = 0
         self.irq_ack = True
         self.ack_lock = threading.Lock()  # KVM's atomics on pending and irq_ack
-        self.ack_notifier = x86_irq.IrqNotifier(0, lambda: kvm_pit_ack_irq(self))
-        self.mask_notifier = x86_irq.IrqNotifier(0, lambda masked: pit_mask_notifer(self, masked))
+        self.notifiers: tuple[x86_irq.IrqNotifier, x86_irq.IrqNotifier] | None = None  # ack, mask
 
     def elapsed_ticks(self, channel: PitChannelCore) -> int:
         return ns_to_ticks(kpit_elapsed(self, channel))
@@ -233,14 +232,20 @@ def kvm_pit_set_reinject(pit: KvmPit, reinject: bool) -> None:
     """Turn reinject mode on (the ack and mask notifiers on GSI 0) or off."""
     if pit.reinject == reinject:
         return
-    chip = pit.kvm.arch.irqchip
+    kvm = pit.kvm
     if reinject:
         kvm_pit_reset_reinject(pit)
-        chip.ack_notifiers.append(pit.ack_notifier)
-        chip.mask_notifiers.append(pit.mask_notifier)
-    else:
-        chip.ack_notifiers.remove(pit.ack_notifier)
-        chip.mask_notifiers.remove(pit.mask_notifier)
+        pit.notifiers = (
+            x86_irq.kvm_register_irq_ack_notifier(kvm, 0, lambda: kvm_pit_ack_irq(pit)),
+            x86_irq.kvm_register_irq_mask_notifier(
+                kvm, 0, lambda masked: pit_mask_notifer(pit, masked)
+            ),
+        )
+    elif pit.notifiers is not None:
+        ack, mask = pit.notifiers
+        x86_irq.kvm_unregister_irq_ack_notifier(kvm, ack)
+        x86_irq.kvm_unregister_irq_mask_notifier(kvm, mask)
+        pit.notifiers = None
     pit.reinject = reinject
 
 

@@ -193,6 +193,17 @@ def kvm_unregister_irq_ack_notifier(kvm: Any, notifier: IrqNotifier) -> None:
     kvm.arch.irqchip.ack_notifiers.remove(notifier)
 
 
+def kvm_register_irq_mask_notifier(kvm: Any, gsi: int, func: Callable[[bool], None]) -> IrqNotifier:
+    """A new mask notifier on `gsi` (the PIT)."""
+    notifier = IrqNotifier(gsi, func)
+    kvm.arch.irqchip.mask_notifiers.append(notifier)
+    return notifier
+
+
+def kvm_unregister_irq_mask_notifier(kvm: Any, notifier: IrqNotifier) -> None:
+    kvm.arch.irqchip.mask_notifiers.remove(notifier)
+
+
 def kvm_fire_mask_notifiers(kvm: Any, irqchip: int, pin: int, masked: bool) -> None:
     """A chip's pin was masked or unmasked: tell the GSI's mask notifiers."""
     gsi = kvm_irq_map_chip_pin(kvm, irqchip, pin)

@@ -338,10 +338,9 @@ def kvm_arch_init_vm(kvm: Kvm, type_: int) -> None:
 
 def apic_mode(apic_base: int) -> str:
     """kvm_apic_mode: disabled, xAPIC, x2APIC (or the invalid x2APIC-without-enable)."""
-    enabled, x2 = apic_base & MSR_IA32_APICBASE_ENABLE, apic_base & X2APIC_ENABLE
-    return {(0, 0): "disabled", (1, 0): "xapic", (1, 1): "x2apic"}.get(
-        (int(bool(enabled)), int(bool(x2))), "invalid"
-    )
+    if not apic_base & MSR_IA32_APICBASE_ENABLE:
+        return "invalid" if apic_base & X2APIC_ENABLE else "disabled"
+    return "x2apic" if apic_base & X2APIC_ENABLE else "xapic"
 
 
 def kvm_arch_destroy_vm(kvm: Kvm) -> None:
@@ -1345,12 +1344,17 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     arch = vcpu.arch
     m = arch.hw.mmio
     run: Any = vcpu.run
-    handled = kernel_mmio(vcpu, m.gpa, m.size, m.is_write, bytes(m.data[: m.size]))
+    data = bytes(m.data[: m.size])
+    handled = kernel_mmio(vcpu, m.gpa, m.size, m.is_write, data)
     if handled is not None:
         return handled
-    single_store = m.is_write and arch.hw.rep_string_at(arch.hw.mmio_insn_rip) is None
-    if single_store and eventfd.kvm_io_bus_write(
-        vcpu.kvm, eventfd.KVM_MMIO_BUS, m.gpa, bytes(m.data[: m.size])
+    rep = arch.hw.rep_string_at(arch.hw.mmio_insn_rip) if m.is_write else None
+    ioeventfd = m.gpa in vcpu.kvm.buses[eventfd.KVM_MMIO_BUS]  # one registered here at all?
+    store = m.is_write and rep is None
+    if (
+        ioeventfd
+        and store
+        and eventfd.kvm_io_bus_write(vcpu.kvm, eventfd.KVM_MMIO_BUS, m.gpa, data)
     ):
         return 1  # an ioeventfd took the store: no exit
     vcpu.stat.mmio_exits += 1
@@ -1360,7 +1364,6 @@ def handle_ept_misconfig(vcpu: KvmVcpu) -> int:
     run.mmio.is_write = m.is_write
     if m.is_write:  # only len bytes are written; a read leaves data as it was
         ctypes.memmove(ctypes.addressof(run.mmio.data), m.data, m.size)
-        rep = arch.hw.rep_string_at(arch.hw.mmio_insn_rip)
         if rep is not None:
             prefixes, _ = rep
             insn = arch.hw.mmio_insn_rip

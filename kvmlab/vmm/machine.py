@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import logging
 import mmap
@@ -777,7 +778,14 @@ class Machine(MachineState):
                 cpu.mp_state = KVM_MP_STATE_RUNNABLE
                 kvm_put_mp_state(cpu)
             cpu.halted = False
-            self._save_boot_state(cpu)
+            # reset() returns here; the local APIC stays the one KVM made at creation (the
+            # guest may have programmed it since)
+            self._boot_state[index] = dataclasses.replace(
+                self._boot_state[index],
+                regs=bytes(cpu.regs),
+                sregs=bytes(cpu.sregs),
+                mp_state=KVM_MP_STATE_RUNNABLE,
+            )
 
     def boot(
         self, code: bytes, mode: str = "real", entry: int = 0x1000, *, aps: bool = True
@@ -799,10 +807,7 @@ class Machine(MachineState):
         """A device's ISA interrupt line (0-15) changed level: into the PIC model, or into
         KVM's irqchip with KVM_IRQ_LINE (QEMU's kvm_pic_set_irq -> kvm_set_irq)."""
         with self.bql:
-            if isinstance(self.pic, KVMPic):
-                self.pic.kvm_pic_set_irq(line, level)
-            else:
-                self.pic.set_irq(line, level)
+            self.pic.set_irq(line, level)
 
     def pic_irq_request(self, level: bool) -> None:
         """The master PIC's INT pin: pending for vCPU 0 while high, and a kick when it rises."""

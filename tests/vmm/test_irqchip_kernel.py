@@ -31,7 +31,7 @@ from kvmlab.uapi import (
 from kvmlab.vmm import EXCP_HLT, Machine
 from kvmlab.vmm.hw.i8254 import I8254
 from kvmlab.vmm.hw.kvm import KVMPic, KVMPit
-from kvmlab.vmm.i386 import kvm_get_mp_state
+from kvmlab.vmm.i386 import kvm_get_apic, kvm_get_mp_state, kvm_put_apic
 
 PIC_PORTS = {0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1}
 PIT_PORTS = {0x40, 0x41, 0x42, 0x43}
@@ -120,6 +120,19 @@ def test_a_kernel_irqchip_machine_resets_its_chips_and_runs_the_guest_again(
         m.serial.output.clear()
         assert TIMER.run(m)
         assert m.serial.text() == "..........\n10 ticks\n"
+
+
+def test_reset_after_setup_cpu_gives_back_the_local_apic_kvm_made(k: ModuleType) -> None:
+    """setup_cpu moves where reset() returns, not the APIC: a page the guest programmed
+    before it (here SPIV software-enabled, as by KVM_SET_LAPIC) is not what reset restores."""
+    with Machine(k, irqchip="kernel") as m:
+        cpu = m.cpus[0]
+        page = bytearray(kvm_get_apic(cpu))
+        page[0xF0:0xF4] = (0x1FF).to_bytes(4, "little")
+        kvm_put_apic(cpu, bytes(page))
+        m.setup_cpu(0, "real", GUEST_BASE)
+        m.reset()
+        assert int.from_bytes(kvm_get_apic(cpu)[0xF0:0xF4], "little") == 0xFF
 
 
 # --- a device's line: the UART's IRQ 4 through KVM_IRQ_LINE ------------------------------------

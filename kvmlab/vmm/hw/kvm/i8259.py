@@ -72,3 +72,7 @@ class KVMPic:
             self.irqs += 1
         self.levels = self.levels | bit if level else self.levels & ~bit
         return kvm_set_irq(self.kvm, irq, int(level))
+
+    def set_irq(self, irq: int, level: bool) -> None:
+        """The ISA interface every board PIC has (the userspace I8259's too)."""
+        self.kvm_pic_set_irq(irq, level)

@@ -15,24 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvmlab.uapi import kvm_pit_channel_state
+
 PIT_FREQ = 1_193_182  # Hz: the PC's 14.31818 MHz crystal divided by 12
 NSEC_PER_SEC = 1_000_000_000
 RW_STATE_LSB, RW_STATE_MSB, RW_STATE_WORD0, RW_STATE_WORD1 = 1, 2, 3, 4
-PIT_CHANNEL_STATE_FIELDS = (  # struct kvm_pit_channel_state, in order
-    "count",
-    "latched_count",
-    "count_latched",
-    "status_latched",
-    "status",
-    "read_state",
-    "write_state",
-    "write_latch",
-    "rw_mode",
-    "mode",
-    "bcd",
-    "gate",
-    "count_load_time",
-)
+PIT_CHANNEL_STATE_FIELDS = tuple(field[0] for field in kvm_pit_channel_state._fields_)
 
 
 def ns_to_ticks(ns: int) -> int:

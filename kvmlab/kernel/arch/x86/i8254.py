@@ -175,20 +175,17 @@ def pit_timer_expired(pit: KvmPit) -> int | None:
 
 @traced(args=lambda pit: {"periodic": pit.is_periodic, "period_ns": pit.period})
 def pit_timer_fn(pit: KvmPit) -> int | None:
-    """The hrtimer expired: a periodic timer goes on one period later (the periods the thread
-    was too late for are skipped); a one-shot stops. Takes no lock, as in KVM: a reprogram
-    holding the PIT's lock cancels the timer and waits for this to finish."""
+    """The hrtimer expired: a periodic timer goes on exactly one period later, as KVM's
+    hrtimer_add_expires_ns does, so a thread that was late fires again at once for each
+    period it missed (each counted as pending in reinject mode); a one-shot stops. Takes no
+    lock, as in KVM: a reprogram holding the PIT's lock cancels the timer and waits."""
     if pit.reinject:
         with pit.ack_lock:
             pit.pending += 1
     period = pit.period
     if not pit.is_periodic or not period:
         return None
-    expires = pit.timer.expires() + period
-    late = ktime_get() - expires
-    if late >= 0:
-        expires += (late // period + 1) * period
-    return expires
+    return pit.timer.expires() + period
 
 
 @traced()

@@ -47,7 +47,8 @@ class PITChannel(PitChannelCore):
         self.reset()
 
     def reset(self) -> None:
-        """QEMU's pit_reset_common: mode 0, lobyte access, counting from 65536 now."""
+        """Like QEMU's pit_reset_common, but mode 0 (QEMU's is 3), lobyte access, counting
+        from 65536 now: no channel makes interrupts until the guest programs one."""
         self.count = 0x10000
         self.latched_count = self.count_latched = self.status_latched = self.status = 0
         self.read_state = self.write_state = self.rw_mode = RW_STATE_LSB

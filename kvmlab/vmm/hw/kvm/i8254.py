@@ -4,15 +4,13 @@ KVM_CREATE_PIT2 puts the PIT in the kernel: ports 0x40-0x43 never exit, and chan
 raises GSI 0 inside KVM. Created with flags 0, as QEMU creates it, KVM does not claim the
 speaker port 0x61, so the PC's port 0x61 (`PCSpk`) stays in userspace and reaches channel 2
 through this model: `get_channel_info` reads the channels (KVM_GET_PIT2) and `set_gate` writes
-the gate back (KVM_SET_PIT2). KVM stamps each channel's count_load_time on CLOCK_MONOTONIC;
-`kernel_clock_offset` turns that into the machine's clock, as QEMU does.
+the gate back (KVM_SET_PIT2). KVM stamps each channel's count_load_time on CLOCK_MONOTONIC,
+which is the machine's clock too: QEMU converts between the two, kvmlab has nothing to convert.
 https://gitlab.com/qemu-project/qemu/-/blob/v9.1.0/hw/i386/kvm/i8254.c
 https://elixir.bootlin.com/linux/v6.12/source/arch/x86/kvm/i8254.c
 """
 
 from __future__ import annotations
-
-import time
 
 from kvmlab.hw.i8254 import PIT_CHANNEL_STATE_FIELDS
 from kvmlab.uapi import (
@@ -29,24 +27,12 @@ from kvmlab.vmm.kvm_all import KVMState
 from kvmlab.vmm.memory import Device
 from kvmlab.vmm.timer import Clock
 
-CALIBRATION_ROUNDS = 3
-# struct kvm_pit_channel_state, but count_load_time (offset by the clocks)
-CHANNEL_FIELDS = PIT_CHANNEL_STATE_FIELDS[:-1]
-
 
 def kvm_pit_init(kvm: KVMState) -> None:
     """KVM_CREATE_PIT2 with flags 0 (QEMU's kvm_pit_realizefn): it needs the irqchip first."""
     if not kvm.k.ioctl(kvm.fd, KVM_CHECK_EXTENSION, KVM_CAP_PIT2):
         raise RuntimeError("KVM lacks KVM_CAP_PIT2: no in-kernel PIT")
     kvm.k.ioctl(kvm.vmfd, KVM_CREATE_PIT2, kvm_pit_config(flags=0))
-
-
-def kvm_pit_update_clock_offset(clock: Clock) -> int:
-    """The machine's clock minus CLOCK_MONOTONIC, the smallest of a few samples."""
-    offsets = []
-    for _ in range(CALIBRATION_ROUNDS):
-        offsets.append(clock() - time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-    return min(offsets, key=abs)
 
 
 class KVMPit(Device):
@@ -60,7 +46,6 @@ class KVMPit(Device):
         self.channels = [PITChannel(i, clock) for i in range(3)]
         self.flags = 0  # KVM_PIT_FLAGS_*
         kvm_pit_init(kvm)
-        self.kernel_clock_offset = kvm_pit_update_clock_offset(clock)
         self.power_on = self._get_pit2()  # KVM's fresh PIT: no channel counts (mode 0xff)
 
     def _get_pit2(self) -> kvm_pit_state2:
@@ -75,17 +60,15 @@ class KVMPit(Device):
     def _load(self, state: kvm_pit_state2) -> None:
         self.flags = state.flags
         for channel, kchan in zip(self.channels, state.channels, strict=True):
-            for name in CHANNEL_FIELDS:
+            for name in PIT_CHANNEL_STATE_FIELDS:
                 setattr(channel, name, getattr(kchan, name))
-            channel.count_load_time = kchan.count_load_time + self.kernel_clock_offset
 
     def kvm_pit_put(self) -> None:
         """KVM_SET_PIT2 from `channels` and `flags` (KVM reloads channel 0's timer)."""
         state = kvm_pit_state2(flags=self.flags)
         for channel, kchan in zip(self.channels, state.channels, strict=True):
-            for name in CHANNEL_FIELDS:
+            for name in PIT_CHANNEL_STATE_FIELDS:
                 setattr(kchan, name, int(getattr(channel, name)))
-            kchan.count_load_time = channel.count_load_time - self.kernel_clock_offset
         self.kvm.k.ioctl(self.kvm.vmfd, KVM_SET_PIT2, state)
 
     def get_channel_info(self, index: int) -> PITChannelInfo:
